@@ -1,0 +1,129 @@
+//! Types shared between netaudit's kernel programs and userspace.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding, because the kernel and userspace read
+//! the same bytes. Change a layout and bump [`LAYOUT_VERSION`] (pinned maps are keyed on it).
+#![no_std]
+
+/// Bumped whenever a map key or value layout changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Who opened the connection, seen from the audited cgroup.
+pub const INITIATOR_LOCAL: u8 = 0;
+pub const INITIATOR_REMOTE: u8 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// One connection-level flow: (audited cgroup, initiator, protocol, local address, peer address,
+/// service port). The ephemeral port is deliberately not part of the key, so repeated connections
+/// to one service aggregate into one flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// cgroup v2 id (directory inode) of the audited cgroup the socket lives under.
+    pub cgroup_id: u64,
+    /// Address inside the audited cgroup; IPv4 uses the first four bytes.
+    pub local_addr: [u8; 16],
+    /// Address of the peer.
+    pub remote_addr: [u8; 16],
+    /// The port the initiator connected to (host byte order); 0 where ports do not exist.
+    pub service_port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// [`INITIATOR_LOCAL`] or [`INITIATOR_REMOTE`].
+    pub initiator: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Counters of one flow. "Out" is what the audited cgroup sent, "in" what it received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Distinct sockets (TCP connections, connected UDP sockets) seen for this flow.
+    pub connections: u64,
+}
+
+/// Ports on which the audited cgroup accepts connections: a packet on such a local port belongs
+/// to a connection the peer opened. Filled by userspace from a socket snapshot at attach and by
+/// the programs whenever a listening socket or a server-side bind is seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    pub cgroup_id: u64,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+}
+
+/// What the per-socket storage remembers, so established packets skip parsing and classifying.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockState {
+    pub key: FlowKey,
+}
+
+/// Largest DNS message prefix copied to userspace.
+pub const DNS_CAPTURE_LEN: usize = 512;
+
+/// A DNS answer delivered to the audited cgroup (UDP or TCP from port 53).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsEvent {
+    pub cgroup_id: u64,
+    /// Bytes of `data` that hold the message (a prefix when the message is longer).
+    pub len: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+    pub data: [u8; DNS_CAPTURE_LEN],
+}
+
+/// Indexes into the `LOSSES` per-CPU array. Each slot counts something that was not recorded.
+pub mod loss {
+    /// New flows that could not be inserted (flow map full).
+    pub const FLOWS: u32 = 0;
+    /// Packets of those flows.
+    pub const PACKETS: u32 = 1;
+    /// Bytes of those flows.
+    pub const BYTES: u32 = 2;
+    /// DNS answers dropped because the ring buffer was full.
+    pub const DNS_EVENTS: u32 = 3;
+    /// Packets whose headers could not be parsed (truncated, unknown family).
+    pub const UNPARSED_PACKETS: u32 = 4;
+    /// Number of slots.
+    pub const COUNT: u32 = 5;
+}
+
+/// Indexes into the `CONFIG` array, written by userspace before attaching.
+pub mod config {
+    /// Lowest port of the kernel's ephemeral range (net.ipv4.ip_local_port_range).
+    pub const EPHEMERAL_LOW: u32 = 0;
+    /// Highest port of that range.
+    pub const EPHEMERAL_HIGH: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Deepest cgroup level searched for an audited ancestor.
+pub const MAX_CGROUP_LEVEL: u32 = 16;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, `#[repr(C)]`, padding is explicit.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::ListenKey {}
+}

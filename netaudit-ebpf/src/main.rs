@@ -1,0 +1,468 @@
+//! netaudit's kernel programs: cgroup_skb ingress/egress aggregate the audited cgroups' packets
+//! into connection-level flows; cgroup_sock post_bind learns UDP server ports.
+//!
+//! Every program returns 1 ("pass") on every path: the auditor observes, it never filters.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr,
+};
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    btf_maps::SkStorage,
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_sk_fullsock,
+        bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes,
+    },
+    macros::{btf_map, cgroup_skb, cgroup_sock, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockContext},
+};
+use netaudit_ebpf::{
+    DNS_CAPTURE_LEN, DnsEvent, FAMILY_V4, FAMILY_V6, FlowKey, FlowStats, INITIATOR_LOCAL,
+    INITIATOR_REMOTE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    ListenKey, MAX_CGROUP_LEVEL, SockState, config, loss,
+};
+
+const PASS: i32 = 1;
+const EEXIST: i32 = 17;
+const DNS_PORT: u16 = 53;
+
+// Kernel TCP states (include/net/tcp_states.h); UDP sockets use ESTABLISHED once connected.
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_SYN_RECV: u32 = 3;
+const TCP_LISTEN: u32 = 10;
+
+/// The audited cgroups (ids written by userspace before attaching); value unused.
+#[map]
+static AUDITED: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+/// The flows. A plain hash (not LRU) so that a full map fails inserts visibly (counted in
+/// LOSSES) instead of silently evicting recorded flows.
+#[map]
+static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static LISTEN: HashMap<ListenKey, u8> = HashMap::with_max_entries(8192, 0);
+
+#[map]
+static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
+
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
+
+#[map]
+static DNS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Per-socket memo of the flow key, so an established connection's packets cost one storage
+/// lookup and one flow update instead of a parse and a classification.
+#[btf_map]
+static SOCKS: SkStorage<SockState> = SkStorage::new();
+
+#[cgroup_skb(egress)]
+pub fn netaudit_egress(ctx: SkBuffContext) -> i32 {
+    account(&ctx, true);
+    PASS
+}
+
+#[cgroup_skb(ingress)]
+pub fn netaudit_ingress(ctx: SkBuffContext) -> i32 {
+    account(&ctx, false);
+    PASS
+}
+
+/// A UDP socket bound explicitly to a port outside the ephemeral range is a server: packets to
+/// that port belong to exchanges the peer started.
+#[cgroup_sock(post_bind4)]
+pub fn netaudit_bind4(ctx: SockContext) -> i32 {
+    learn_bound_port(&ctx);
+    PASS
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn netaudit_bind6(ctx: SockContext) -> i32 {
+    learn_bound_port(&ctx);
+    PASS
+}
+
+#[inline(always)]
+fn learn_bound_port(ctx: &SockContext) {
+    let sock = ctx.sock;
+    let (protocol, port) = unsafe { ((*sock).protocol, (*sock).src_port) };
+    if protocol != IPPROTO_UDP as u32 || is_ephemeral(port as u16) {
+        return;
+    }
+    let mut cgroup_id = 0;
+    for level in 1..MAX_CGROUP_LEVEL {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return;
+        }
+        if unsafe { AUDITED.get(&id) }.is_some() {
+            cgroup_id = id;
+            break;
+        }
+    }
+    if cgroup_id != 0 {
+        let key = ListenKey { cgroup_id, port: port as u16, protocol: IPPROTO_UDP, _pad: [0; 5] };
+        let _ = LISTEN.insert(&key, &1, 0);
+    }
+}
+
+#[inline(always)]
+fn is_ephemeral(port: u16) -> bool {
+    let low = CONFIG.get(config::EPHEMERAL_LOW).copied().unwrap_or(0);
+    let high = CONFIG.get(config::EPHEMERAL_HIGH).copied().unwrap_or(0);
+    low != 0 && (port as u32) >= low && (port as u32) <= high
+}
+
+#[inline(always)]
+fn bump_loss(slot: u32, n: u64) {
+    if let Some(p) = LOSSES.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer.
+        unsafe { *p += n };
+    }
+}
+
+struct Packet {
+    len: u64,
+    segs: u64,
+    now: u64,
+    egress: bool,
+}
+
+#[inline(always)]
+fn account(ctx: &SkBuffContext, egress: bool) {
+    let skb = ctx.skb.skb;
+    let (len, gso_segs, sk) = unsafe { ((*skb).len, (*skb).gso_segs, (*skb).__bindgen_anon_2.sk) };
+    let pkt = Packet {
+        len: len as u64,
+        // A GSO super-packet stands for several wire packets.
+        segs: if gso_segs > 1 { gso_segs as u64 } else { 1 },
+        now: unsafe { bpf_ktime_get_coarse_ns() },
+        egress,
+    };
+    let full: *mut bpf_sock = if sk.is_null() { ptr::null_mut() } else { unsafe { bpf_sk_fullsock(sk) } };
+    let mut state = 0;
+    let mut protocol = 0;
+    if !full.is_null() {
+        unsafe {
+            state = (*full).state;
+            protocol = (*full).protocol;
+        }
+        if memo_allowed(protocol, state) && state != TCP_SYN_SENT {
+            let memo = unsafe { bpf_sk_storage_get(ptr::from_ref(&SOCKS).cast_mut().cast(), full.cast(), ptr::null_mut(), 0) }
+                .cast::<SockState>();
+            if !memo.is_null() {
+                // The fast path: no parsing, no classification.
+                let key = unsafe { &(*memo).key };
+                record(key, &pkt, false);
+                if !egress && key.initiator == INITIATOR_LOCAL && key.service_port == DNS_PORT {
+                    let _ = capture_dns(ctx, key.cgroup_id);
+                }
+                return;
+            }
+        }
+    }
+    if slow_path(ctx, &pkt, full, protocol, state).is_err() {
+        bump_loss(loss::UNPARSED_PACKETS, pkt.segs);
+    }
+}
+
+/// Sockets whose packets all belong to one flow: TCP connections and connected UDP sockets.
+#[inline(always)]
+fn memo_allowed(protocol: u32, state: u32) -> bool {
+    (protocol == IPPROTO_TCP as u32 && state != TCP_LISTEN && state != TCP_SYN_RECV)
+        || (protocol == IPPROTO_UDP as u32 && state == TCP_ESTABLISHED)
+}
+
+/// The headers the classification needs.
+struct Headers {
+    family: u8,
+    protocol: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    icmp_type: u8,
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Result<(Headers, usize), ()> {
+    // cgroup_skb sees the packet from the network header on.
+    let first: u8 = ctx.load(0).map_err(|_| ())?;
+    let mut h = Headers {
+        family: 0,
+        protocol: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+    };
+    let mut l4: usize;
+    match first >> 4 {
+        4 => {
+            let ip: [u8; 20] = ctx.load(0).map_err(|_| ())?;
+            h.family = FAMILY_V4;
+            h.protocol = ip[9];
+            h.saddr[..4].copy_from_slice(&ip[12..16]);
+            h.daddr[..4].copy_from_slice(&ip[16..20]);
+            l4 = ((ip[0] & 0x0f) as usize) * 4;
+        }
+        6 => {
+            let ip: [u8; 40] = ctx.load(0).map_err(|_| ())?;
+            h.family = FAMILY_V6;
+            h.saddr.copy_from_slice(&ip[8..24]);
+            h.daddr.copy_from_slice(&ip[24..40]);
+            let mut next = ip[6];
+            l4 = 40;
+            // Walk the extension headers that may precede the transport header.
+            for _ in 0..4 {
+                match next {
+                    0 | 43 | 60 => {
+                        let ext: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
+                        next = ext[0];
+                        l4 += (ext[1] as usize + 1) * 8;
+                    }
+                    44 => {
+                        let ext: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
+                        next = ext[0];
+                        l4 += 8;
+                    }
+                    _ => break,
+                }
+            }
+            h.protocol = next;
+        }
+        _ => return Err(()),
+    }
+    match h.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
+            h.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            h.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            if h.protocol == IPPROTO_TCP {
+                h.tcp_flags = ctx.load(l4 + 13).map_err(|_| ())?;
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            h.icmp_type = ctx.load(l4).map_err(|_| ())?;
+        }
+        _ => {}
+    }
+    Ok((h, l4))
+}
+
+#[inline(never)]
+fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u32, state: u32) -> Result<(), ()> {
+    let (h, _) = parse(ctx)?;
+    let egress = pkt.egress;
+    let (local, remote, lport, rport) =
+        if egress { (h.saddr, h.daddr, h.sport, h.dport) } else { (h.daddr, h.saddr, h.dport, h.sport) };
+
+    let Some(cgroup_id) = audited_cgroup(ctx) else {
+        // Not under an audited cgroup (cannot happen while attached only to audited ones).
+        return Ok(());
+    };
+
+    if !full.is_null() && protocol == IPPROTO_TCP as u32 && state == TCP_LISTEN {
+        let key = ListenKey { cgroup_id, port: lport, protocol: IPPROTO_TCP, _pad: [0; 5] };
+        if unsafe { LISTEN.get(&key) }.is_none() {
+            let _ = LISTEN.insert(&key, &1, 0);
+        }
+    }
+
+    let (initiator, service_port) = match h.protocol {
+        IPPROTO_TCP => {
+            let syn = h.tcp_flags & 0x02 != 0;
+            let ack = h.tcp_flags & 0x10 != 0;
+            if syn && !ack {
+                // The opening SYN: its sender initiates, its destination port is the service.
+                (if egress { INITIATOR_LOCAL } else { INITIATOR_REMOTE }, h.dport)
+            } else if syn {
+                // SYN-ACK: its sender is the server.
+                (if egress { INITIATOR_REMOTE } else { INITIATOR_LOCAL }, h.sport)
+            } else {
+                by_listening_port(cgroup_id, h.protocol, lport, rport)
+            }
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => by_listening_port(cgroup_id, h.protocol, lport, rport),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // Echo replies belong to the request's sender; every other message to its sender.
+            let reply = h.icmp_type == 0 || h.icmp_type == 129;
+            let sender = if egress { INITIATOR_LOCAL } else { INITIATOR_REMOTE };
+            let other = if egress { INITIATOR_REMOTE } else { INITIATOR_LOCAL };
+            (if reply { other } else { sender }, 0)
+        }
+        _ => (if egress { INITIATOR_LOCAL } else { INITIATOR_REMOTE }, 0),
+    };
+
+    let key = FlowKey {
+        cgroup_id,
+        local_addr: local,
+        remote_addr: remote,
+        service_port,
+        family: h.family,
+        protocol: h.protocol,
+        initiator,
+        _pad: [0; 3],
+    };
+
+    let mut new_connection = false;
+    if !full.is_null() && memo_allowed(protocol, state) {
+        let sock = full.cast();
+        let map = ptr::from_ref(&SOCKS).cast_mut().cast();
+        let existing = unsafe { bpf_sk_storage_get(map, sock, ptr::null_mut(), 0) }.cast::<SockState>();
+        if existing.is_null() {
+            new_connection = true;
+            let mut init = SockState { key };
+            let _ = unsafe {
+                bpf_sk_storage_get(map, sock, ptr::from_mut(&mut init).cast(), BPF_SK_STORAGE_GET_F_CREATE as u64)
+            };
+        } else {
+            // A socket that connects again (after a failed attempt) gets the new key.
+            unsafe { (*existing).key = key };
+        }
+    }
+
+    record(&key, pkt, new_connection);
+
+    if !egress && h.sport == DNS_PORT && (h.protocol == IPPROTO_UDP || h.protocol == IPPROTO_TCP) {
+        let _ = capture_dns(ctx, cgroup_id);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn by_listening_port(cgroup_id: u64, protocol: u8, lport: u16, rport: u16) -> (u8, u16) {
+    let key = ListenKey { cgroup_id, port: lport, protocol, _pad: [0; 5] };
+    if unsafe { LISTEN.get(&key) }.is_some() { (INITIATOR_REMOTE, lport) } else { (INITIATOR_LOCAL, rport) }
+}
+
+/// The audited cgroup this packet's socket lives under (itself or an ancestor).
+#[inline(always)]
+fn audited_cgroup(ctx: &SkBuffContext) -> Option<u64> {
+    for level in 1..MAX_CGROUP_LEVEL {
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+        if id == 0 {
+            return None;
+        }
+        if unsafe { AUDITED.get(&id) }.is_some() {
+            return Some(id);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) {
+    if let Some(stats) = FLOWS.get_ptr_mut(key) {
+        add(stats, pkt, new_connection);
+        return;
+    }
+    let (po, bo, pi, bi) = if pkt.egress { (pkt.segs, pkt.len, 0, 0) } else { (0, 0, pkt.segs, pkt.len) };
+    let init = FlowStats {
+        packets_out: po,
+        bytes_out: bo,
+        packets_in: pi,
+        bytes_in: bi,
+        first_ns: pkt.now,
+        last_ns: pkt.now,
+        connections: new_connection as u64,
+    };
+    match FLOWS.insert(key, &init, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            // Another CPU inserted it first.
+            if let Some(stats) = FLOWS.get_ptr_mut(key) {
+                add(stats, pkt, new_connection);
+            }
+        }
+        Err(_) => {
+            bump_loss(loss::FLOWS, 1);
+            bump_loss(loss::PACKETS, pkt.segs);
+            bump_loss(loss::BYTES, pkt.len);
+        }
+    }
+}
+
+#[inline(always)]
+fn add(stats: *mut FlowStats, pkt: &Packet, new_connection: bool) {
+    // The return values stay unused: a used fetch-add needs BPF_FETCH (cpu v3).
+    unsafe {
+        if pkt.egress {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_out, pkt.segs);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes_out, pkt.len);
+        } else {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_in, pkt.segs);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes_in, pkt.len);
+        }
+        if new_connection {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).connections, 1);
+        }
+        if (*stats).last_ns < pkt.now {
+            (*stats).last_ns = pkt.now;
+        }
+    }
+}
+
+/// Copies a DNS answer (UDP payload, or the message after TCP's length prefix) to userspace.
+#[inline(never)]
+fn capture_dns(ctx: &SkBuffContext, cgroup_id: u64) -> Result<(), ()> {
+    let (h, l4) = parse(ctx)?;
+    let payload = if h.protocol == IPPROTO_UDP {
+        l4 + 8
+    } else {
+        let offset_byte: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
+        l4 + ((offset_byte >> 4) as usize) * 4 + 2
+    };
+    let total = ctx.len() as usize;
+    if payload >= total {
+        return Ok(());
+    }
+    let Some(mut entry) = DNS.reserve::<DnsEvent>(0) else {
+        bump_loss(loss::DNS_EVENTS, 1);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    let mut n = total - payload;
+    if n > DNS_CAPTURE_LEN {
+        n = DNS_CAPTURE_LEN;
+    }
+    // Spelled out for the verifier: the copy length must be provably non-zero.
+    if n == 0 {
+        entry.discard(0);
+        return Ok(());
+    }
+    let ret = unsafe {
+        (*event).cgroup_id = cgroup_id;
+        (*event).protocol = h.protocol;
+        (*event).len = n as u32;
+        bpf_skb_load_bytes(ctx.skb.skb.cast(), payload as u32, (&raw mut (*event).data).cast(), n as u32)
+    };
+    if ret == 0 && n > 0 {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

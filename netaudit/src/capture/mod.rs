@@ -1,0 +1,292 @@
+//! Capture: load the kernel programs, attach them to the audited cgroups, and turn what they
+//! aggregate (flow map, DNS ring buffer, loss counters) into the flow model.
+
+pub mod cgroup;
+pub mod dns;
+pub mod sockets;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock},
+};
+use netaudit_ebpf::{
+    DnsEvent, FAMILY_V4, FlowKey, FlowStats, INITIATOR_LOCAL, ListenKey, config, loss,
+};
+
+pub use self::dns::DnsNames;
+use crate::model::{Direction, Endpoint, Flow, FlowFile, Losses, Protocol, Source, Window, FLOW_FILE_VERSION};
+
+/// The kernel object built by build.rs from `netaudit-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
+
+/// Default capacity of the in-kernel flow map.
+pub const DEFAULT_MAX_FLOWS: u32 = 65536;
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// cgroup v2 directories to audit (not nested in one another).
+    pub cgroups: Vec<PathBuf>,
+    /// Capacity of the in-kernel flow map; new flows beyond it are counted as lost.
+    pub max_flows: u32,
+}
+
+impl CaptureConfig {
+    pub fn new(cgroups: Vec<PathBuf>) -> Self {
+        CaptureConfig { cgroups, max_flows: DEFAULT_MAX_FLOWS }
+    }
+}
+
+/// A running capture. Dropping it detaches every program.
+pub struct Capture {
+    ebpf: Ebpf,
+    sources: Vec<Source>,
+    dns: DnsNames,
+    started: SystemTime,
+}
+
+/// Counts for a progress line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    pub flows: usize,
+    pub losses: Losses,
+}
+
+impl Capture {
+    /// Loads the programs and attaches them to every cgroup in `config`.
+    pub fn start(config: &CaptureConfig) -> Result<Capture> {
+        let mount = cgroup::cgroup2_mount()?;
+        let dirs = config
+            .cgroups
+            .iter()
+            .map(|d| cgroup::validate(d, &mount))
+            .collect::<Result<Vec<_>>>()?;
+        cgroup::reject_nesting(&dirs)?;
+        raise_memlock_limit();
+
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("FLOWS", config.max_flows.max(1))
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (are you root, with BPF enabled in this kernel?)")?;
+
+        let ephemeral = sockets::ephemeral_range();
+        {
+            let mut cfg: Array<_, u32> = Array::try_from(ebpf.map_mut("CONFIG").context("map CONFIG")?)?;
+            cfg.set(config::EPHEMERAL_LOW, ephemeral.0 as u32, 0)?;
+            cfg.set(config::EPHEMERAL_HIGH, ephemeral.1 as u32, 0)?;
+        }
+
+        let mut sources = Vec::new();
+        for dir in &dirs {
+            let id = cgroup::cgroup_id(dir)?;
+            sources.push(Source { cgroup: dir.display().to_string(), cgroup_id: id });
+            let mut audited: HashMap<_, u64, u8> = HashMap::try_from(ebpf.map_mut("AUDITED").context("map AUDITED")?)?;
+            audited.insert(id, 1, 0)?;
+            // Seed the serving ports before attaching, so the first packet of a connection that
+            // is already open is classified right.
+            let mut listen: HashMap<_, ListenKey, u8> = HashMap::try_from(ebpf.map_mut("LISTEN").context("map LISTEN")?)?;
+            for (protocol, port) in sockets::serving_ports(&cgroup::pids_under(dir), ephemeral) {
+                listen.insert(ListenKey { cgroup_id: id, port, protocol, _pad: [0; 5] }, 1, 0)?;
+            }
+        }
+
+        for name in ["netaudit_egress", "netaudit_ingress"] {
+            let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
+            prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
+        }
+        for name in ["netaudit_bind4", "netaudit_bind6"] {
+            let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
+            prog.load().with_context(|| format!("loading program {name}"))?;
+        }
+        for dir in &dirs {
+            let cg = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
+            for (name, attach) in [("netaudit_egress", CgroupSkbAttachType::Egress), ("netaudit_ingress", CgroupSkbAttachType::Ingress)] {
+                let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
+                // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
+                prog.attach(&cg, attach, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+            }
+            for name in ["netaudit_bind4", "netaudit_bind6"] {
+                let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
+                prog.attach(&cg, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+            }
+        }
+        tracing::debug!(cgroups = ?sources, "attached");
+        Ok(Capture { ebpf, sources, dns: DnsNames::default(), started: SystemTime::now() })
+    }
+
+    /// The audited cgroups.
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+
+    /// Drains the DNS ring buffer. Call it regularly so answers do not pile up and get dropped.
+    pub fn poll(&mut self) -> Result<()> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut("DNS").context("map DNS")?)?;
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<DnsEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole DnsEvent; read it unaligned from the ring.
+            let event: DnsEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let len = (event.len as usize).min(event.data.len());
+            self.dns.add_message(&event.data[..len]);
+        }
+        Ok(())
+    }
+
+    pub fn progress(&self) -> Result<Progress> {
+        let flows = HashMap::<_, FlowKey, FlowStats>::try_from(self.ebpf.map("FLOWS").context("map FLOWS")?)?
+            .keys()
+            .count();
+        Ok(Progress { flows, losses: self.losses()? })
+    }
+
+    fn losses(&self) -> Result<Losses> {
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("LOSSES").context("map LOSSES")?)?;
+        let sum = |slot: u32| -> Result<u64> { Ok(counters.get(&slot, 0)?.iter().sum()) };
+        Ok(Losses {
+            flows: sum(loss::FLOWS)?,
+            packets: sum(loss::PACKETS)?,
+            bytes: sum(loss::BYTES)?,
+            dns_events: sum(loss::DNS_EVENTS)?,
+            unparsed_packets: sum(loss::UNPARSED_PACKETS)?,
+        })
+    }
+
+    /// The flows recorded so far, as a flow file.
+    pub fn snapshot(&mut self) -> Result<FlowFile> {
+        self.poll()?;
+        let flows_map: HashMap<&MapData, FlowKey, FlowStats> =
+            HashMap::try_from(self.ebpf.map("FLOWS").context("map FLOWS")?)?;
+        let clock = Clock::now();
+        let by_id: BTreeMap<u64, &str> = self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str())).collect();
+        let mut flows = Vec::new();
+        for entry in flows_map.iter() {
+            // An entry deleted while iterating is skipped; the map is never shrunk while recording.
+            let Ok((key, stats)) = entry else { continue };
+            flows.push(to_flow(&key, &stats, &clock, &self.dns, by_id.get(&key.cgroup_id).copied()));
+        }
+        flows.sort_by(|a, b| flow_order(a).cmp(&flow_order(b)));
+        Ok(FlowFile {
+            version: FLOW_FILE_VERSION,
+            window: Some(Window { start: rfc3339(self.started), end: rfc3339(SystemTime::now()) }),
+            sources: self.sources.clone(),
+            losses: self.losses()?,
+            flows,
+        })
+    }
+
+    /// Takes the final snapshot and detaches.
+    pub fn stop(mut self) -> Result<FlowFile> {
+        let file = self.snapshot()?;
+        drop(self);
+        Ok(file)
+    }
+
+    /// Names seen in DNS answers so far.
+    pub fn dns_names(&self) -> &DnsNames {
+        &self.dns
+    }
+}
+
+fn flow_order(f: &Flow) -> impl Ord + '_ {
+    (&f.cgroup, f.direction, f.protocol, &f.dst.ip, f.dst.port, &f.src.ip)
+}
+
+fn to_flow(key: &FlowKey, stats: &FlowStats, clock: &Clock, dns: &DnsNames, cgroup: Option<&str>) -> Flow {
+    let ip = |bytes: &[u8; 16]| -> IpAddr {
+        if key.family == FAMILY_V4 {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(*bytes))
+        }
+    };
+    let protocol = Protocol::from_number(key.protocol);
+    let service_port = (protocol.has_ports() && key.service_port != 0).then_some(key.service_port);
+    let endpoint = |addr: IpAddr, port: Option<u16>| Endpoint { ip: addr, port, names: dns.names_of(&addr) };
+    let local = ip(&key.local_addr);
+    let remote = ip(&key.remote_addr);
+    let outbound = key.initiator == INITIATOR_LOCAL;
+    let (src, dst, direction) = if outbound {
+        (endpoint(local, None), endpoint(remote, service_port), Direction::Egress)
+    } else {
+        (endpoint(remote, None), endpoint(local, service_port), Direction::Ingress)
+    };
+    let (ps, bs, pd, bd) = if outbound {
+        (stats.packets_out, stats.bytes_out, stats.packets_in, stats.bytes_in)
+    } else {
+        (stats.packets_in, stats.bytes_in, stats.packets_out, stats.bytes_out)
+    };
+    Flow {
+        protocol,
+        src,
+        dst,
+        direction: Some(direction),
+        packets: ps + pd,
+        bytes: bs + bd,
+        packets_from_src: ps,
+        bytes_from_src: bs,
+        packets_from_dst: pd,
+        bytes_from_dst: bd,
+        connections: stats.connections,
+        first_seen: Some(rfc3339(clock.wall(stats.first_ns))),
+        last_seen: Some(rfc3339(clock.wall(stats.last_ns))),
+        cgroup: cgroup.map(str::to_string),
+    }
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC nanoseconds to wall-clock time.
+struct Clock {
+    wall: SystemTime,
+    mono_ns: u64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Clock { wall: SystemTime::now(), mono_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64 }
+    }
+
+    fn wall(&self, mono_ns: u64) -> SystemTime {
+        if mono_ns <= self.mono_ns {
+            self.wall - Duration::from_nanos(self.mono_ns - mono_ns)
+        } else {
+            self.wall + Duration::from_nanos(mono_ns - self.mono_ns)
+        }
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it where allowed.
+fn raise_memlock_limit() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid pointer; failure only matters on old kernels and is reported by the load.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+/// Whether this process can load BPF programs here (root / CAP_BPF and a cgroup v2 mount).
+pub fn preflight() -> Result<()> {
+    cgroup::cgroup2_mount()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("netaudit must run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load cgroup eBPF programs");
+    }
+    Ok(())
+}
+

@@ -1,0 +1,53 @@
+//! Commands. Exit codes: 0 success, 1 the command found something (e.g. `check` found cuts) or
+//! failed at run time, 2 bad input (a file, flag or value the user must fix).
+
+mod record;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "netaudit", version, about = "eBPF runtime traffic auditor for Kubernetes workloads")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing env-filter syntax), e.g. `debug`.
+    #[arg(long, global = true, env = "NETAUDIT_LOG", default_value = "warn")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Record the flows of processes in cgroups (or of one process) into a flow file.
+    Record(record::Args),
+}
+
+/// An error in what the user gave us: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Record(args) => record::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("netaudit: error: {e:#}");
+            if e.chain().any(|c| c.is::<BadInput>()) { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `netaudit record`: attach, record until the duration ends or SIGINT/SIGTERM, write the flow
+//! file atomically.
+
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use netaudit::{
+    capture::{Capture, CaptureConfig, DEFAULT_MAX_FLOWS, cgroup},
+    model::FlowFile,
+};
+
+use super::BadInput;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// cgroup v2 directory to audit (repeatable). Its descendants are audited too.
+    #[arg(long, value_name = "DIR", required_unless_present = "pid", conflicts_with = "pid")]
+    cgroup: Vec<PathBuf>,
+    /// Audit the cgroup this process is in.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// How long to record: seconds, or a duration such as 30s, 5m, 1h. Without it, until
+    /// SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Write the flow file here (atomically); stdout when absent.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Capacity of the in-kernel flow map; flows beyond it are counted as lost.
+    #[arg(long, default_value_t = DEFAULT_MAX_FLOWS)]
+    max_flows: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); use seconds or e.g. 30s, 5m"))
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let cgroups = match args.pid {
+        Some(pid) => vec![cgroup::cgroup_of_pid(pid).map_err(|e| BadInput(format!("--pid {pid}: {e:#}")))?],
+        None => args.cgroup.clone(),
+    };
+    if let Some(out) = &args.output {
+        check_output_dir(out)?;
+    }
+    netaudit::capture::preflight()?;
+    let config = CaptureConfig { cgroups, max_flows: args.max_flows };
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+    let mut capture = Capture::start(&config).map_err(|e| {
+        // A path that is not a cgroup is the user's to fix.
+        if e.to_string().contains("cgroup") { anyhow::Error::new(BadInput(format!("{e:#}"))) } else { e }
+    })?;
+    for s in capture.sources() {
+        eprintln!("netaudit: recording cgroup {} (id {})", s.cgroup, s.cgroup_id);
+    }
+
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_progress = Instant::now() - Duration::from_secs(1);
+    while !stop.load(Ordering::Relaxed) && args.duration.is_none_or(|d| started.elapsed() < d) {
+        std::thread::sleep(Duration::from_millis(100));
+        capture.poll()?;
+        if tty && last_progress.elapsed() >= Duration::from_millis(500) {
+            last_progress = Instant::now();
+            let p = capture.progress()?;
+            let remaining = args
+                .duration
+                .map(|d| format!(", {}s left", d.saturating_sub(started.elapsed()).as_secs()))
+                .unwrap_or_default();
+            let lost = if p.losses.any() {
+                format!(", LOST {} flows / {} packets / {} DNS answers", p.losses.flows, p.losses.packets, p.losses.dns_events)
+            } else {
+                String::new()
+            };
+            eprint!("\r\x1b[Krecording {}s{remaining} · {} flows{lost}", started.elapsed().as_secs(), p.flows);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let file = capture.stop()?;
+    report(&file);
+    write_output(&file, args.output.as_ref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(file: &FlowFile) {
+    eprintln!("netaudit: recorded {} flows", file.flows.len());
+    let l = &file.losses;
+    if l.any() {
+        eprintln!(
+            "netaudit: WARNING: not everything was recorded: {} flows ({} packets, {} bytes) lost to a full flow map \
+             (raise --max-flows), {} DNS answers lost, {} packets unparsed",
+            l.flows, l.packets, l.bytes, l.dns_events, l.unparsed_packets
+        );
+    }
+}
+
+fn check_output_dir(out: &std::path::Path) -> Result<()> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return Err(BadInput(format!("--output {}: directory {} does not exist", out.display(), dir.display())).into());
+    }
+    Ok(())
+}
+
+/// Writes through a temporary file in the same directory and renames it into place, so a
+/// reader never sees half a file and an existing file survives a failed write.
+pub fn write_atomically(path: &std::path::Path, contents: &str) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(contents.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn write_output(file: &FlowFile, output: Option<&PathBuf>) -> Result<()> {
+    let json = file.to_json();
+    match output {
+        Some(path) => {
+            write_atomically(path, &json)?;
+            eprintln!("netaudit: wrote {}", path.display());
+        }
+        None => std::io::stdout().write_all(json.as_bytes())?,
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The flow model every stage shares, and the flow file: netaudit's stable interface.
+//!
+//! A flow is a connection-level aggregate: `src` is always the side that opened the connection,
+//! `dst` the side that served it; the ephemeral client port is `null`.
+
+use std::{fmt, net::IpAddr, path::Path, str::FromStr};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// The flow file's format version. Readers reject files with a newer major version.
+pub const FLOW_FILE_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FlowFile {
+    /// Format version ([`FLOW_FILE_VERSION`]).
+    pub version: u32,
+    /// When recording ran (RFC 3339), absent in hand-written files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    /// The audited sources (cgroups) the flows come from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Source>,
+    /// What could not be recorded. All zero means the flows are complete.
+    #[serde(default)]
+    pub losses: Losses,
+    pub flows: Vec<Flow>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Window {
+    pub start: String,
+    pub end: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Source {
+    /// cgroup v2 directory.
+    pub cgroup: String,
+    /// Its cgroup id (directory inode), as the kernel reports it.
+    pub cgroup_id: u64,
+}
+
+/// Loss counters: each names something the kernel saw but could not record.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Losses {
+    /// New flows dropped because the flow map was full.
+    #[serde(default)]
+    pub flows: u64,
+    /// Packets of those flows.
+    #[serde(default)]
+    pub packets: u64,
+    /// Bytes of those flows.
+    #[serde(default)]
+    pub bytes: u64,
+    /// DNS answers dropped because the ring buffer was full (names may be missing).
+    #[serde(default)]
+    pub dns_events: u64,
+    /// Packets whose headers could not be parsed.
+    #[serde(default)]
+    pub unparsed_packets: u64,
+}
+
+impl Losses {
+    pub fn any(&self) -> bool {
+        *self != Losses::default()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Flow {
+    pub protocol: Protocol,
+    /// The initiator.
+    pub src: Endpoint,
+    /// The side that was connected to; its port is the service port.
+    pub dst: Endpoint,
+    /// `egress` when the audited workload opened the connection, `ingress` when a peer did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    #[serde(default)]
+    pub packets: u64,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub packets_from_src: u64,
+    #[serde(default)]
+    pub bytes_from_src: u64,
+    #[serde(default)]
+    pub packets_from_dst: u64,
+    #[serde(default)]
+    pub bytes_from_dst: u64,
+    /// Distinct connections (TCP) or connected sockets (UDP) seen; 0 where not applicable.
+    #[serde(default)]
+    pub connections: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// The audited cgroup the flow was recorded in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// `null` for an ephemeral client port or where ports do not exist (ICMP).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// DNS names the audited workload resolved to this address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+/// IP protocol, written by name in the flow file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+    Icmp,
+    Icmpv6,
+    /// Any other IP protocol number, written `IP-<n>`.
+    Other(u8),
+}
+
+impl Protocol {
+    pub fn from_number(n: u8) -> Self {
+        match n {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            132 => Protocol::Sctp,
+            1 => Protocol::Icmp,
+            58 => Protocol::Icmpv6,
+            n => Protocol::Other(n),
+        }
+    }
+
+    /// Whether the protocol has ports (and so a service port).
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Tcp => f.write_str("TCP"),
+            Protocol::Udp => f.write_str("UDP"),
+            Protocol::Sctp => f.write_str("SCTP"),
+            Protocol::Icmp => f.write_str("ICMP"),
+            Protocol::Icmpv6 => f.write_str("ICMPv6"),
+            Protocol::Other(n) => write!(f, "IP-{n}"),
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_uppercase().as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
+            "ICMP" => Protocol::Icmp,
+            "ICMPV6" => Protocol::Icmpv6,
+            other => match other.strip_prefix("IP-").and_then(|n| n.parse().ok()) {
+                Some(n) => Protocol::from_number(n),
+                None => {
+                    return Err(format!(
+                        "unknown protocol `{s}` (expected TCP, UDP, SCTP, ICMP, ICMPv6 or IP-<number>)"
+                    ));
+                }
+            },
+        })
+    }
+}
+
+impl TryFrom<String> for Protocol {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Protocol> for String {
+    fn from(p: Protocol) -> String {
+        p.to_string()
+    }
+}
+
+impl FlowFile {
+    /// Reads a flow file, naming the file, line and column of any problem.
+    pub fn read(path: &Path) -> anyhow::Result<FlowFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading flow file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("flow file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<FlowFile> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let file: FlowFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            anyhow::anyhow!(
+                "line {}, column {}, at `{}`: {}",
+                inner.line(),
+                inner.column(),
+                path,
+                inner
+            )
+        })?;
+        if file.version > FLOW_FILE_VERSION {
+            anyhow::bail!(
+                "version {} is newer than this netaudit understands ({FLOW_FILE_VERSION}); upgrade netaudit",
+                file.version
+            );
+        }
+        Ok(file)
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("flow file serializes");
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_hand_written_flows_parse() {
+        let f = FlowFile::parse(
+            r#"{"version":1,"flows":[{"protocol":"tcp","src":{"ip":"10.0.0.1"},"dst":{"ip":"10.96.0.1","port":443}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(f.flows[0].protocol, Protocol::Tcp);
+        assert_eq!(f.flows[0].src.port, None);
+        assert_eq!(f.flows[0].dst.port, Some(443));
+        assert!(!f.losses.any());
+    }
+
+    #[test]
+    fn bad_input_names_the_place() {
+        let err = FlowFile::parse(r#"{"version":1,"flows":[{"protocol":"TCP","src":{"ip":"10.0.0.300"},"dst":{"ip":"10.0.0.2"}}]}"#)
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("flows[0].src.ip"), "{msg}");
+        let err = FlowFile::parse(r#"{"version":1,"flows":[{"protocol":"GRE","src":{"ip":"10.0.0.1"},"dst":{"ip":"10.0.0.2"}}]}"#)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown protocol `GRE`"));
+    }
+
+    #[test]
+    fn protocol_names_round_trip() {
+        for p in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Icmp, Protocol::Icmpv6, Protocol::Other(47)] {
+            assert_eq!(p.to_string().parse::<Protocol>().unwrap(), p);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `cargo xtask <command>`: the build plumbing. Every command bootstraps the eBPF toolchain
+//! first (nightly rust-src, a bpf-linker built against the nightly's own LLVM), so each works on
+//! a fresh machine of the kind DESIGN.md describes.
+
+mod toolchain;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args...]
+
+commands:
+  bootstrap   add rust-src to the nightly toolchain and build bpf-linker (cached under target/)
+  build       bootstrap, then build target/release/netaudit with the eBPF object embedded
+  test        bootstrap, then run the whole test suite (real-kernel tests need root)
+  bench       bootstrap, then run the benchmarks and print the figures
+  demo        bootstrap, build, then run `netaudit demo` with the remaining arguments
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let Some(command) = args.first() else {
+        eprint!("{USAGE}");
+        bail!("no command given");
+    };
+    let rest = &args[1..];
+    let root = workspace_root();
+    match command.as_str() {
+        "bootstrap" => {
+            toolchain::bootstrap(&root)?;
+        }
+        "build" => {
+            let env = toolchain::bootstrap(&root)?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], rest)?;
+            say(&format!("built {}", root.join("target/release/netaudit").display()));
+        }
+        "test" => {
+            let env = toolchain::bootstrap(&root)?;
+            // One profile for everything: the release build that `build` and `demo` use, so the
+            // dependency graph compiles once on a small machine.
+            cargo(&root, &env, &["test", "--release", "--workspace"], rest)?;
+        }
+        "bench" => {
+            let env = toolchain::bootstrap(&root)?;
+            cargo(&root, &env, &["run", "--release", "--package", "netaudit-tests", "--bin", "netaudit-bench", "--"], rest)?;
+        }
+        "demo" => {
+            let env = toolchain::bootstrap(&root)?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
+            let bin = root.join("target/release/netaudit");
+            say(&format!("running {} demo {}", bin.display(), rest.join(" ")));
+            let status = Command::new(&bin).arg("demo").args(rest).status().with_context(|| format!("running {}", bin.display()))?;
+            if !status.success() {
+                bail!("`netaudit demo` failed ({status})");
+            }
+        }
+        "help" | "-h" | "--help" => eprint!("{USAGE}"),
+        other => {
+            eprint!("{USAGE}");
+            bail!("unknown command `{other}`");
+        }
+    }
+    Ok(())
+}
+
+/// Runs cargo (stable, the workspace default) with the bootstrap's PATH.
+fn cargo(root: &Path, env: &toolchain::Env, args: &[&str], extra: &[String]) -> Result<()> {
+    say(&format!("cargo {} {}", args.join(" "), extra.join(" ")));
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")))
+        .current_dir(root)
+        .args(args)
+        .args(extra)
+        .env("PATH", &env.path)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub(crate) fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
