@@ -1,0 +1,199 @@
+//! Real-kernel tests of the capture path: the programs are loaded into this kernel, attached to
+//! a fresh cgroup, and real traffic flows between network namespaces the test creates.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use netaudit::{
+    capture::{Capture, CaptureConfig},
+    model::{Direction, Flow, FlowFile, Protocol},
+};
+use netaudit_tests::*;
+
+/// (direction, protocol, src ip, dst ip, dst port): what identifies a flow for policy.
+type Shape = (Direction, Protocol, String, String, Option<u16>);
+
+fn shape(f: &Flow) -> Shape {
+    (f.direction.unwrap(), f.protocol, f.src.ip.to_string(), f.dst.ip.to_string(), f.dst.port)
+}
+
+fn shapes(file: &FlowFile) -> BTreeSet<Shape> {
+    file.flows.iter().map(shape).collect()
+}
+
+fn egress(p: Protocol, src: &str, dst: &str, port: u16) -> Shape {
+    (Direction::Egress, p, src.into(), dst.into(), Some(port))
+}
+
+fn find<'a>(file: &'a FlowFile, s: &Shape) -> &'a Flow {
+    file.flows.iter().find(|f| &shape(f) == s).unwrap_or_else(|| panic!("no flow {s:?} in {:#?}", file.flows))
+}
+
+/// Runs `args` in the audited cgroup inside the pod namespace while recording, and returns
+/// what was recorded (with the helper's output).
+fn record(lab: &Lab, cg: &TestCgroup, args: &[&str]) -> (FlowFile, Vec<String>) {
+    let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).expect("capture starts");
+    let helper = Helper::spawn(&lab.pod, Some(&cg.path), args).expect("spawn helper");
+    let out = helper.finish().expect("helper traffic got through");
+    (capture.stop().expect("stop"), out)
+}
+
+#[test]
+fn repeated_tcp_connections_aggregate_into_one_flow() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let (file, _) = record(&lab, &cg, &["tcp", "192.0.2.2:80", "3"]);
+    let want = egress(Protocol::Tcp, POD_V4, PEER_V4, 80);
+    assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
+    let f = find(&file, &want);
+    assert_eq!(f.connections, 3);
+    assert_eq!(f.src.port, None, "the ephemeral client port is not part of the flow");
+    // Each connection: SYN, ACK, data, FIN, ACK at least from the client; echoes back.
+    assert!(f.packets_from_src >= 3 * 4 && f.packets_from_dst >= 3 * 3, "{f:#?}");
+    assert!(f.bytes_from_src > 3 * 5 && f.bytes_from_dst > 3 * 5);
+    assert!(!file.losses.any(), "{:?}", file.losses);
+}
+
+#[test]
+fn udp_request_response_is_one_flow_and_replies_add_none() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let (file, _) = record(&lab, &cg, &["udp", "192.0.2.2:7", "4", "udp-connected", "192.0.2.2:7", "3"]);
+    let want = egress(Protocol::Udp, POD_V4, PEER_V4, 7);
+    assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
+    let f = find(&file, &want);
+    assert_eq!((f.packets_from_src, f.packets_from_dst), (7, 7));
+    // Each datagram: 20 (IP) + 8 (UDP) + "ping k".
+    assert_eq!(f.bytes_from_src, 7 * (28 + 6));
+    assert_eq!(f.connections, 1, "one connected UDP socket");
+}
+
+#[test]
+fn ipv6_flow() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let (file, _) = record(&lab, &cg, &["tcp", "[2001:db8::2]:80", "2", "udp", "[2001:db8::2]:7", "1"]);
+    assert_eq!(
+        shapes(&file),
+        BTreeSet::from([egress(Protocol::Tcp, POD_V6, PEER_V6, 80), egress(Protocol::Udp, POD_V6, PEER_V6, 7)]),
+        "{:#?}",
+        file.flows
+    );
+    assert_eq!(find(&file, &egress(Protocol::Tcp, POD_V6, PEER_V6, 80)).connections, 2);
+}
+
+#[test]
+fn inbound_connection_is_initiated_by_the_peer_on_the_listening_port() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
+    let mut server = Helper::spawn(&lab.pod, Some(&cg.path), &["serve-once", "[::]:8080"]).unwrap();
+    assert_eq!(server.line().unwrap(), "listening");
+    let client = Helper::spawn(&lab.peer, None, &["tcp", "192.0.2.1:8080", "1"]).unwrap();
+    client.finish().unwrap();
+    server.finish().unwrap();
+    let file = capture.stop().unwrap();
+    let want = (Direction::Ingress, Protocol::Tcp, PEER_V4.to_string(), POD_V4.to_string(), Some(8080));
+    assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
+    assert_eq!(find(&file, &want).connections, 1);
+}
+
+#[test]
+fn connections_open_before_recording_keep_their_initiator() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = TestCgroup::new().unwrap();
+    // Outbound: the audited process opens a long-lived connection (an apiserver watch, say)...
+    let mut watch = Helper::spawn(&lab.pod, Some(&cg.path), &["hold-tcp", "192.0.2.2:80"]).unwrap();
+    assert_eq!(watch.line().unwrap(), "connected");
+    // ...and inbound: a peer is connected to the audited process's server.
+    let mut server = Helper::spawn(&lab.pod, Some(&cg.path), &["serve-once", "[::]:9443"]).unwrap();
+    assert_eq!(server.line().unwrap(), "listening");
+    let mut client = Helper::spawn(&lab.peer, None, &["hold-tcp", "192.0.2.1:9443"]).unwrap();
+    assert_eq!(client.line().unwrap(), "connected");
+
+    // Only now does recording start; no SYN of either connection will be seen.
+    let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
+    watch.go().unwrap();
+    client.go().unwrap();
+    assert_eq!(watch.line().unwrap(), "done");
+    assert_eq!(client.line().unwrap(), "done");
+    let file = capture.stop().unwrap();
+    drop((watch, client, server));
+
+    let out = egress(Protocol::Tcp, POD_V4, PEER_V4, 80);
+    let inbound = (Direction::Ingress, Protocol::Tcp, PEER_V4.to_string(), POD_V4.to_string(), Some(9443));
+    assert_eq!(shapes(&file), BTreeSet::from([out.clone(), inbound.clone()]), "{:#?}", file.flows);
+    // 5 round trips each way were made during recording.
+    assert!(find(&file, &out).packets_from_src >= 5);
+    assert!(find(&file, &inbound).packets_from_src >= 5);
+}
+
+#[test]
+fn dns_answers_put_names_on_peers() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let (file, out) = record(&lab, &cg, &["dns", "192.0.2.53:53", "api.lab.test", "tcp", "@resolved:80", "1"]);
+    assert_eq!(out, ["resolved 192.0.2.2"]);
+    let dns = egress(Protocol::Udp, POD_V4, DNS_V4, 53);
+    let api = egress(Protocol::Tcp, POD_V4, PEER_V4, 80);
+    assert_eq!(shapes(&file), BTreeSet::from([dns.clone(), api.clone()]), "{:#?}", file.flows);
+    assert_eq!(find(&file, &api).dst.names, ["api.lab.test"]);
+    assert!(find(&file, &dns).dst.names.is_empty());
+}
+
+#[test]
+fn a_full_flow_map_counts_losses() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let capture = Capture::start(&CaptureConfig { cgroups: vec![cg.path.clone()], max_flows: 2 }).unwrap();
+    Helper::spawn(&lab.pod, Some(&cg.path), &["udp-ports", PEER_V4, "10000", "5"]).unwrap().finish().unwrap();
+    let file = capture.stop().unwrap();
+    assert_eq!(file.flows.len(), 2);
+    assert_eq!(file.losses.flows, 3, "{:?}", file.losses);
+    assert_eq!(file.losses.packets, 3);
+    assert_eq!(file.losses.bytes, 3 * 29);
+}
+
+#[test]
+fn every_packet_still_arrives_fail_open() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = TestCgroup::new().unwrap();
+    // The helper fails unless every datagram is answered and every byte echoed back.
+    let (file, out) = record(&lab, &cg, &["udp", "192.0.2.2:7", "2000", "bulk", "192.0.2.2:80", "4000000"]);
+    assert_eq!(out, ["bulk 4000000"]);
+    let udp = find(&file, &egress(Protocol::Udp, POD_V4, PEER_V4, 7));
+    assert_eq!((udp.packets_from_src, udp.packets_from_dst), (2000, 2000));
+    let tcp = find(&file, &egress(Protocol::Tcp, POD_V4, PEER_V4, 80));
+    // Payload plus headers, both ways.
+    assert!(tcp.bytes_from_src > 4_000_000 && tcp.bytes_from_dst > 4_000_000, "{tcp:#?}");
+    std::thread::sleep(Duration::from_millis(1));
+}
