@@ -209,13 +209,7 @@ impl FlowFile {
         let file: FlowFile = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            anyhow::anyhow!(
-                "line {}, column {}, at `{}`: {}",
-                inner.line(),
-                inner.column(),
-                path,
-                inner
-            )
+            anyhow::anyhow!("line {}, column {}, at `{}`: {}", inner.line(), inner.column(), path, inner)
         })?;
         if file.version > FLOW_FILE_VERSION {
             anyhow::bail!(
@@ -251,12 +245,16 @@ mod tests {
 
     #[test]
     fn bad_input_names_the_place() {
-        let err = FlowFile::parse(r#"{"version":1,"flows":[{"protocol":"TCP","src":{"ip":"10.0.0.300"},"dst":{"ip":"10.0.0.2"}}]}"#)
-            .unwrap_err();
+        let err = FlowFile::parse(
+            r#"{"version":1,"flows":[{"protocol":"TCP","src":{"ip":"10.0.0.300"},"dst":{"ip":"10.0.0.2"}}]}"#,
+        )
+        .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("flows[0].src.ip"), "{msg}");
-        let err = FlowFile::parse(r#"{"version":1,"flows":[{"protocol":"GRE","src":{"ip":"10.0.0.1"},"dst":{"ip":"10.0.0.2"}}]}"#)
-            .unwrap_err();
+        let err = FlowFile::parse(
+            r#"{"version":1,"flows":[{"protocol":"GRE","src":{"ip":"10.0.0.1"},"dst":{"ip":"10.0.0.2"}}]}"#,
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("unknown protocol `GRE`"));
     }
 

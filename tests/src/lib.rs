@@ -161,8 +161,7 @@ impl Helper {
     /// Starts the traffic helper with `args`, inside `netns`, and inside `cgroup` if given.
     pub fn spawn(netns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> Result<Helper> {
         let ns = fs::File::open(netns.path()).with_context(|| format!("opening {}", netns.path().display()))?;
-        let procs = cgroup
-            .map(|c| CString::new(c.join("cgroup.procs").to_str().unwrap()).unwrap());
+        let procs = cgroup.map(|c| CString::new(c.join("cgroup.procs").to_str().unwrap()).unwrap());
         let mut cmd = Command::new(traffic_bin());
         cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let ns_fd = ns.as_raw_fd();

@@ -58,14 +58,23 @@ fn run(args: &[String]) -> Result<()> {
         }
         "bench" => {
             let env = toolchain::bootstrap(&root)?;
-            cargo(&root, &env, &["run", "--release", "--package", "netaudit-tests", "--bin", "netaudit-bench", "--"], rest)?;
+            cargo(
+                &root,
+                &env,
+                &["run", "--release", "--package", "netaudit-tests", "--bin", "netaudit-bench", "--"],
+                rest,
+            )?;
         }
         "demo" => {
             let env = toolchain::bootstrap(&root)?;
             cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
             let bin = root.join("target/release/netaudit");
             say(&format!("running {} demo {}", bin.display(), rest.join(" ")));
-            let status = Command::new(&bin).arg("demo").args(rest).status().with_context(|| format!("running {}", bin.display()))?;
+            let status = Command::new(&bin)
+                .arg("demo")
+                .args(rest)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
             if !status.success() {
                 bail!("`netaudit demo` failed ({status})");
             }

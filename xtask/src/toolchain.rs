@@ -51,9 +51,10 @@ fn nightly() -> Result<Nightly> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| {
-        text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).with_context(|| {
-            format!("`rustc +nightly -vV` printed no `{name}` line; got:\n{text}")
-        })
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("`rustc +nightly -vV` printed no `{name}` line; got:\n{text}"))
     };
     let commit = field("commit-hash:")?;
     let llvm = field("LLVM version:")?;
@@ -65,7 +66,9 @@ fn nightly() -> Result<Nightly> {
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let out = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]).output()
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .output()
         .context("running rustup")?;
     if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim().starts_with("rust-src")) {
         return Ok(());
@@ -108,8 +111,7 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
     for name in ["libLLVM.so", lib.as_str()] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(libdir.join(&lib), &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(libdir.join(&lib), &link).with_context(|| format!("linking {}", link.display()))?;
     }
 
     say(&format!(

@@ -19,15 +19,16 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock},
 };
-use netaudit_ebpf::{
-    DnsEvent, FAMILY_V4, FlowKey, FlowStats, INITIATOR_LOCAL, ListenKey, config, loss,
-};
+use netaudit_ebpf::{DnsEvent, FAMILY_V4, FlowKey, FlowStats, INITIATOR_LOCAL, ListenKey, config, loss};
 
 pub use self::dns::DnsNames;
-use crate::model::{Direction, Endpoint, Flow, FlowFile, Losses, Protocol, Source, Window, FLOW_FILE_VERSION};
+use crate::model::{Direction, Endpoint, FLOW_FILE_VERSION, Flow, FlowFile, Losses, Protocol, Source, Window};
 
 /// The kernel object built by build.rs from `netaudit-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
+
+/// The programs a capture loads and attaches.
+const PROGRAMS: [&str; 4] = ["netaudit_egress", "netaudit_ingress", "netaudit_bind4", "netaudit_bind6"];
 
 /// Default capacity of the in-kernel flow map.
 pub const DEFAULT_MAX_FLOWS: u32 = 65536;
@@ -65,11 +66,7 @@ impl Capture {
     /// Loads the programs and attaches them to every cgroup in `config`.
     pub fn start(config: &CaptureConfig) -> Result<Capture> {
         let mount = cgroup::cgroup2_mount()?;
-        let dirs = config
-            .cgroups
-            .iter()
-            .map(|d| cgroup::validate(d, &mount))
-            .collect::<Result<Vec<_>>>()?;
+        let dirs = config.cgroups.iter().map(|d| cgroup::validate(d, &mount)).collect::<Result<Vec<_>>>()?;
         cgroup::reject_nesting(&dirs)?;
         raise_memlock_limit();
 
@@ -93,7 +90,8 @@ impl Capture {
             audited.insert(id, 1, 0)?;
             // Seed the serving ports before attaching, so the first packet of a connection that
             // is already open is classified right.
-            let mut listen: HashMap<_, ListenKey, u8> = HashMap::try_from(ebpf.map_mut("LISTEN").context("map LISTEN")?)?;
+            let mut listen: HashMap<_, ListenKey, u8> =
+                HashMap::try_from(ebpf.map_mut("LISTEN").context("map LISTEN")?)?;
             for (protocol, port) in sockets::serving_ports(&cgroup::pids_under(dir), ephemeral) {
                 listen.insert(ListenKey { cgroup_id: id, port, protocol, _pad: [0; 5] }, 1, 0)?;
             }
@@ -109,7 +107,9 @@ impl Capture {
         }
         for dir in &dirs {
             let cg = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
-            for (name, attach) in [("netaudit_egress", CgroupSkbAttachType::Egress), ("netaudit_ingress", CgroupSkbAttachType::Ingress)] {
+            for (name, attach) in
+                [("netaudit_egress", CgroupSkbAttachType::Egress), ("netaudit_ingress", CgroupSkbAttachType::Ingress)]
+            {
                 let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
                 // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
                 prog.attach(&cg, attach, CgroupAttachMode::Single)
@@ -146,9 +146,8 @@ impl Capture {
     }
 
     pub fn progress(&self) -> Result<Progress> {
-        let flows = HashMap::<_, FlowKey, FlowStats>::try_from(self.ebpf.map("FLOWS").context("map FLOWS")?)?
-            .keys()
-            .count();
+        let flows =
+            HashMap::<_, FlowKey, FlowStats>::try_from(self.ebpf.map("FLOWS").context("map FLOWS")?)?.keys().count();
         Ok(Progress { flows, losses: self.losses()? })
     }
 
@@ -192,6 +191,18 @@ impl Capture {
         let file = self.snapshot()?;
         drop(self);
         Ok(file)
+    }
+
+    /// Kernel run statistics per attached program: (name, total run time, runs). Counted only
+    /// while BPF stats are enabled (`aya::sys::enable_stats` or kernel.bpf_stats_enabled).
+    pub fn program_stats(&self) -> Result<Vec<(&'static str, Duration, u64)>> {
+        PROGRAMS
+            .iter()
+            .map(|&name| {
+                let info = self.ebpf.program(name).context(name)?.info()?;
+                Ok((name, info.run_time(), info.run_count()))
+            })
+            .collect()
     }
 
     /// Names seen in DNS answers so far.
@@ -285,8 +296,9 @@ pub fn preflight() -> Result<()> {
     cgroup::cgroup2_mount()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!("netaudit must run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load cgroup eBPF programs");
+        anyhow::bail!(
+            "netaudit must run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load cgroup eBPF programs"
+        );
     }
     Ok(())
 }
-

@@ -48,7 +48,9 @@ pub fn serving_ports(pids: &[u32], ephemeral: (u16, u16)) -> BTreeSet<(u8, u16)>
     }
     let mut ports = BTreeSet::new();
     for (pid, inodes) in by_netns.values() {
-        for (file, protocol) in [("tcp", IPPROTO_TCP), ("tcp6", IPPROTO_TCP), ("udp", IPPROTO_UDP), ("udp6", IPPROTO_UDP)] {
+        for (file, protocol) in
+            [("tcp", IPPROTO_TCP), ("tcp6", IPPROTO_TCP), ("udp", IPPROTO_UDP), ("udp6", IPPROTO_UDP)]
+        {
             let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else { continue };
             for socket in table.lines().skip(1).filter_map(parse_line) {
                 if !inodes.contains(&socket.inode) {

@@ -55,16 +55,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(out) = &args.output {
         check_output_dir(out)?;
     }
+    // Bad paths are the user's to fix (exit 2), so check them before anything else.
+    let mount = cgroup::cgroup2_mount()?;
+    for dir in &cgroups {
+        cgroup::validate(dir, &mount).map_err(|e| BadInput(format!("--cgroup: {e:#}")))?;
+    }
+    cgroup::reject_nesting(&cgroups).map_err(|e| BadInput(format!("--cgroup: {e:#}")))?;
     netaudit::capture::preflight()?;
     let config = CaptureConfig { cgroups, max_flows: args.max_flows };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
     }
-    let mut capture = Capture::start(&config).map_err(|e| {
-        // A path that is not a cgroup is the user's to fix.
-        if e.to_string().contains("cgroup") { anyhow::Error::new(BadInput(format!("{e:#}"))) } else { e }
-    })?;
+    let mut capture = Capture::start(&config)?;
     for s in capture.sources() {
         eprintln!("netaudit: recording cgroup {} (id {})", s.cgroup, s.cgroup_id);
     }
@@ -83,7 +86,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .map(|d| format!(", {}s left", d.saturating_sub(started.elapsed()).as_secs()))
                 .unwrap_or_default();
             let lost = if p.losses.any() {
-                format!(", LOST {} flows / {} packets / {} DNS answers", p.losses.flows, p.losses.packets, p.losses.dns_events)
+                format!(
+                    ", LOST {} flows / {} packets / {} DNS answers",
+                    p.losses.flows, p.losses.packets, p.losses.dns_events
+                )
             } else {
                 String::new()
             };
@@ -124,7 +130,8 @@ fn check_output_dir(out: &std::path::Path) -> Result<()> {
 /// reader never sees half a file and an existing file survives a failed write.
 pub fn write_atomically(path: &std::path::Path, contents: &str) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(contents.as_bytes())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;

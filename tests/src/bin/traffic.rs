@@ -57,7 +57,8 @@ fn run(args: &[String]) -> Result<()> {
             "tcp" => {
                 let addr: SocketAddr = sub(arg(i + 1)?).parse()?;
                 for _ in 0..arg(i + 2)?.parse::<u32>()? {
-                    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
+                    let mut s =
+                        TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
                     round_trip(&mut s)?;
                 }
                 i += 3;
@@ -74,7 +75,11 @@ fn run(args: &[String]) -> Result<()> {
                 let mut buf = [0u8; 2048];
                 for k in 0..n {
                     let msg = format!("ping {k}");
-                    if connected { sock.send(msg.as_bytes())? } else { sock.send_to(msg.as_bytes(), addr)? };
+                    if connected {
+                        sock.send(msg.as_bytes())?
+                    } else {
+                        sock.send_to(msg.as_bytes(), addr)?
+                    };
                     let got = sock.recv(&mut buf).with_context(|| format!("no UDP reply {k} from {addr}"))?;
                     if &buf[..got] != msg.as_bytes() {
                         bail!("UDP reply {k} from {addr} differs");
