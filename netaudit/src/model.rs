@@ -99,6 +99,10 @@ pub struct Flow {
     /// The audited cgroup the flow was recorded in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// Both ends are inside the same audited cgroup (e.g. over loopback): recorded once, from
+    /// the initiating side. No network policy applies to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]

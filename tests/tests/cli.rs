@@ -6,7 +6,9 @@ use netaudit::model::{Direction, FlowFile, Protocol};
 use netaudit_tests::*;
 
 fn netaudit_bin() -> PathBuf {
-    traffic_bin().with_file_name("netaudit")
+    let bin = traffic_bin().with_file_name("netaudit");
+    assert!(bin.is_file(), "{} is missing: run the tests through `cargo xtask test`, which builds it", bin.display());
+    bin
 }
 
 #[test]

@@ -197,3 +197,23 @@ fn every_packet_still_arrives_fail_open() {
     assert!(tcp.bytes_from_src > 4_000_000 && tcp.bytes_from_dst > 4_000_000, "{tcp:#?}");
     std::thread::sleep(Duration::from_millis(1));
 }
+
+#[test]
+fn a_connection_inside_the_cgroup_is_recorded_once_as_internal() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
+    let mut server = Helper::spawn(&lab.pod, Some(&cg.path), &["serve-once", "127.0.0.1:8080"]).unwrap();
+    assert_eq!(server.line().unwrap(), "listening");
+    Helper::spawn(&lab.pod, Some(&cg.path), &["tcp", "127.0.0.1:8080", "1"]).unwrap().finish().unwrap();
+    server.finish().unwrap();
+    let file = capture.stop().unwrap();
+    let want = egress(Protocol::Tcp, "127.0.0.1", "127.0.0.1", 8080);
+    assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
+    let f = find(&file, &want);
+    assert!(f.internal);
+    assert_eq!(f.connections, 1);
+}

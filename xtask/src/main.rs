@@ -52,6 +52,8 @@ fn run(args: &[String]) -> Result<()> {
         }
         "test" => {
             let env = toolchain::bootstrap(&root)?;
+            // The CLI tests run the real binary.
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
             // One profile for everything: the release build that `build` and `demo` use, so the
             // dependency graph compiles once on a small machine.
             cargo(&root, &env, &["test", "--release", "--workspace", "--exclude", "netaudit-ebpf"], rest)?;

@@ -176,6 +176,7 @@ impl Capture {
             let Ok((key, stats)) = entry else { continue };
             flows.push(to_flow(&key, &stats, &clock, &self.dns, by_id.get(&key.cgroup_id).copied()));
         }
+        merge_internal(&mut flows);
         flows.sort_by(|a, b| flow_order(a).cmp(&flow_order(b)));
         Ok(FlowFile {
             version: FLOW_FILE_VERSION,
@@ -208,6 +209,24 @@ impl Capture {
     /// Names seen in DNS answers so far.
     pub fn dns_names(&self) -> &DnsNames {
         &self.dns
+    }
+}
+
+/// A connection between two sockets of one audited cgroup passes its egress hook at the client
+/// and its ingress hook at the server, so it is recorded twice: once as the client's egress flow
+/// and once as the server's ingress flow, with the same initiator address and service endpoint.
+/// Keep the client's, mark it internal.
+fn merge_internal(flows: &mut Vec<Flow>) {
+    let conn = |f: &Flow| (f.cgroup.clone(), f.protocol, f.src.ip, f.dst.ip, f.dst.port);
+    let egress: std::collections::HashSet<_> =
+        flows.iter().filter(|f| f.direction == Some(Direction::Egress)).map(conn).collect();
+    let ingress: std::collections::HashSet<_> =
+        flows.iter().filter(|f| f.direction == Some(Direction::Ingress)).map(conn).collect();
+    flows.retain(|f| f.direction != Some(Direction::Ingress) || !egress.contains(&conn(f)));
+    for f in flows.iter_mut() {
+        if ingress.contains(&conn(f)) {
+            f.internal = true;
+        }
     }
 }
 
@@ -254,6 +273,7 @@ fn to_flow(key: &FlowKey, stats: &FlowStats, clock: &Clock, dns: &DnsNames, cgro
         first_seen: Some(rfc3339(clock.wall(stats.first_ns))),
         last_seen: Some(rfc3339(clock.wall(stats.last_ns))),
         cgroup: cgroup.map(str::to_string),
+        internal: false,
     }
 }
 
