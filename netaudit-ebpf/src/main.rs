@@ -273,6 +273,11 @@ fn parse(ctx: &SkBuffContext) -> Result<(Headers, usize), ()> {
 #[inline(never)]
 fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u32, state: u32) -> Result<(), ()> {
     let (h, _) = parse(ctx)?;
+    // ICMPv6 multicast listener and neighbour discovery messages (types 130 and up) are link
+    // plumbing that raw sockets happen to receive; no policy governs them.
+    if h.protocol == IPPROTO_ICMPV6 && h.icmp_type >= 130 {
+        return Ok(());
+    }
     let egress = pkt.egress;
     let (local, remote, lport, rport) =
         if egress { (h.saddr, h.daddr, h.sport, h.dport) } else { (h.daddr, h.saddr, h.dport, h.sport) };

@@ -217,3 +217,18 @@ fn a_connection_inside_the_cgroup_is_recorded_once_as_internal() {
     assert!(f.internal);
     assert_eq!(f.connections, 1);
 }
+
+#[test]
+fn icmp_echo_is_one_flow_per_peer_initiated_by_the_requester() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let cg = TestCgroup::new().unwrap();
+    let (file, _) = record(&lab, &cg, &["ping", PEER_V4, "3", "ping", PEER_V6, "2"]);
+    let v4 = (Direction::Egress, Protocol::Icmp, POD_V4.to_string(), PEER_V4.to_string(), None);
+    let v6 = (Direction::Egress, Protocol::Icmpv6, POD_V6.to_string(), PEER_V6.to_string(), None);
+    assert_eq!(shapes(&file), BTreeSet::from([v4.clone(), v6.clone()]), "{:#?}", file.flows);
+    assert_eq!((find(&file, &v4).packets_from_src, find(&file, &v4).packets_from_dst), (3, 3));
+    assert_eq!((find(&file, &v6).packets_from_src, find(&file, &v6).packets_from_dst), (2, 2));
+}

@@ -13,6 +13,7 @@
 //!   serve-once ADDR       listen, print `listening`, echo one connection until it closes
 //!   bulk ADDR BYTES       send BYTES over TCP to an echo server and check they all come back
 //!   wait                  print `waiting`, wait for a stdin line
+//!   ping IP N             N ICMP / ICMPv6 echo requests from a raw socket, each answered
 
 use std::{
     io::{BufRead, Read, Write},
@@ -128,6 +129,11 @@ fn run(args: &[String]) -> Result<()> {
                 let addr: SocketAddr = sub(arg(i + 1)?).parse()?;
                 let bytes: usize = arg(i + 2)?.parse()?;
                 bulk(addr, bytes)?;
+                i += 3;
+            }
+            "ping" => {
+                let ip: std::net::IpAddr = sub(arg(i + 1)?).parse()?;
+                ping(ip, arg(i + 2)?.parse()?)?;
                 i += 3;
             }
             "wait" => {
@@ -273,4 +279,92 @@ fn serve(specs: &[String]) -> Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Echo requests over a raw socket (root); the kernel of the peer answers them.
+fn ping(ip: std::net::IpAddr, count: u16) -> Result<()> {
+    let (family, proto, request, reply) = match ip {
+        std::net::IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8, 0u8),
+        std::net::IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8, 129u8),
+    };
+    // SAFETY: plain socket syscalls on buffers we own.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_RAW, proto);
+        anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        );
+        let addr = socket2_addr(ip);
+        for seq in 0..count {
+            let mut pkt = [0u8; 16];
+            pkt[0] = request;
+            pkt[4..6].copy_from_slice(&0x4e41u16.to_be_bytes());
+            pkt[6..8].copy_from_slice(&seq.to_be_bytes());
+            if family == libc::AF_INET {
+                let sum = checksum(&pkt);
+                pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+            } // ICMPv6 raw sockets get their checksum from the kernel.
+            let sent = libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, addr.0.as_ptr().cast(), addr.1);
+            anyhow::ensure!(sent == pkt.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            loop {
+                let mut buf = [0u8; 1500];
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                anyhow::ensure!(n > 0, "no echo reply {seq} from {ip}");
+                // IPv4 raw sockets deliver the IP header too.
+                let icmp = if family == libc::AF_INET {
+                    &buf[((buf[0] & 0x0f) as usize) * 4..n as usize]
+                } else {
+                    &buf[..n as usize]
+                };
+                if icmp[0] == reply && icmp[6..8] == seq.to_be_bytes() {
+                    break;
+                }
+            }
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+fn socket2_addr(ip: std::net::IpAddr) -> (Vec<u8>, u32) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: reading the bytes of a plain C struct.
+            let bytes =
+                unsafe { std::slice::from_raw_parts((&raw const sa).cast::<u8>(), size_of::<libc::sockaddr_in>()) };
+            (bytes.to_vec(), size_of::<libc::sockaddr_in>() as u32)
+        }
+        std::net::IpAddr::V6(v6) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: reading the bytes of a plain C struct.
+            let bytes =
+                unsafe { std::slice::from_raw_parts((&raw const sa).cast::<u8>(), size_of::<libc::sockaddr_in6>()) };
+            (bytes.to_vec(), size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
