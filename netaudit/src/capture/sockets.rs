@@ -38,10 +38,8 @@ pub fn serving_ports(pids: &[u32], ephemeral: (u16, u16)) -> BTreeSet<(u8, u16)>
         for fd in fds.flatten() {
             if let Ok(target) = fs::read_link(fd.path()) {
                 let t = target.to_string_lossy();
-                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                    if let Ok(inode) = inode.parse() {
-                        entry.1.insert(inode);
-                    }
+                if let Some(Ok(inode)) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).map(str::parse) {
+                    entry.1.insert(inode);
                 }
             }
         }
