@@ -19,8 +19,7 @@ commands:
   bootstrap   add rust-src to the nightly toolchain and build bpf-linker (cached under target/)
   build       bootstrap, then build target/release/netaudit with the eBPF object embedded
   test        bootstrap, then run the whole test suite (real-kernel tests need root)
-  bench       bootstrap, then run the benchmarks and print the figures
-  demo        bootstrap, build, then run `netaudit demo` with the remaining arguments
+  bench       bootstrap, then run the benchmarks and print the figures (root)
 ";
 
 fn main() -> ExitCode {
@@ -54,7 +53,7 @@ fn run(args: &[String]) -> Result<()> {
             let env = toolchain::bootstrap(&root)?;
             // The CLI tests run the real binary.
             cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
-            // One profile for everything: the release build that `build` and `demo` use, so the
+            // One profile for everything: the release build that `build` makes, so the
             // dependency graph compiles once on a small machine.
             cargo(&root, &env, &["test", "--release", "--workspace", "--exclude", "netaudit-ebpf"], rest)?;
         }
@@ -66,20 +65,6 @@ fn run(args: &[String]) -> Result<()> {
                 &["run", "--release", "--package", "netaudit-tests", "--bin", "netaudit-bench", "--"],
                 rest,
             )?;
-        }
-        "demo" => {
-            let env = toolchain::bootstrap(&root)?;
-            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
-            let bin = root.join("target/release/netaudit");
-            say(&format!("running {} demo {}", bin.display(), rest.join(" ")));
-            let status = Command::new(&bin)
-                .arg("demo")
-                .args(rest)
-                .status()
-                .with_context(|| format!("running {}", bin.display()))?;
-            if !status.success() {
-                bail!("`netaudit demo` failed ({status})");
-            }
         }
         "help" | "-h" | "--help" => eprint!("{USAGE}"),
         other => {
