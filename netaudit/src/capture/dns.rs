@@ -45,14 +45,6 @@ impl DnsNames {
     pub fn names_of(&self, ip: &IpAddr) -> Vec<String> {
         self.names.get(ip).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
-
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
 }
 
 fn fqdn(name: &str) -> String {

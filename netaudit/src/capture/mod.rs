@@ -27,8 +27,11 @@ use crate::model::{Direction, Endpoint, FLOW_FILE_VERSION, Flow, FlowFile, Losse
 /// The kernel object built by build.rs from `netaudit-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
 
-/// The programs a capture loads and attaches.
-const PROGRAMS: [&str; 4] = ["netaudit_egress", "netaudit_ingress", "netaudit_bind4", "netaudit_bind6"];
+/// The programs a capture loads and attaches: packet accounting per direction, and the bind hooks
+/// that learn UDP server ports.
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
+    [("netaudit_egress", CgroupSkbAttachType::Egress), ("netaudit_ingress", CgroupSkbAttachType::Ingress)];
+const BIND_PROGRAMS: [&str; 2] = ["netaudit_bind4", "netaudit_bind6"];
 
 /// Default capacity of the in-kernel flow map.
 pub const DEFAULT_MAX_FLOWS: u32 = 65536;
@@ -97,25 +100,23 @@ impl Capture {
             }
         }
 
-        for name in ["netaudit_egress", "netaudit_ingress"] {
+        for (name, _) in SKB_PROGRAMS {
             let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
         }
-        for name in ["netaudit_bind4", "netaudit_bind6"] {
+        for name in BIND_PROGRAMS {
             let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("loading program {name}"))?;
         }
         for dir in &dirs {
             let cg = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
-            for (name, attach) in
-                [("netaudit_egress", CgroupSkbAttachType::Egress), ("netaudit_ingress", CgroupSkbAttachType::Ingress)]
-            {
+            for (name, attach) in SKB_PROGRAMS {
                 let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
                 // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
                 prog.attach(&cg, attach, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", dir.display()))?;
             }
-            for name in ["netaudit_bind4", "netaudit_bind6"] {
+            for name in BIND_PROGRAMS {
                 let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
                 prog.attach(&cg, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", dir.display()))?;
@@ -197,18 +198,15 @@ impl Capture {
     /// Kernel run statistics per attached program: (name, total run time, runs). Counted only
     /// while BPF stats are enabled (`aya::sys::enable_stats` or kernel.bpf_stats_enabled).
     pub fn program_stats(&self) -> Result<Vec<(&'static str, Duration, u64)>> {
-        PROGRAMS
+        SKB_PROGRAMS
             .iter()
-            .map(|&name| {
+            .map(|&(name, _)| name)
+            .chain(BIND_PROGRAMS)
+            .map(|name| {
                 let info = self.ebpf.program(name).context(name)?.info()?;
                 Ok((name, info.run_time(), info.run_count()))
             })
             .collect()
-    }
-
-    /// Names seen in DNS answers so far.
-    pub fn dns_names(&self) -> &DnsNames {
-        &self.dns
     }
 }
 

@@ -57,9 +57,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     // Bad paths are the user's to fix (exit 2), so check them before anything else.
     let mount = cgroup::cgroup2_mount()?;
-    for dir in &cgroups {
-        cgroup::validate(dir, &mount).map_err(|e| BadInput(format!("--cgroup: {e:#}")))?;
-    }
+    let cgroups = cgroups
+        .iter()
+        .map(|dir| cgroup::validate(dir, &mount).map_err(|e| BadInput(format!("--cgroup: {e:#}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     cgroup::reject_nesting(&cgroups).map_err(|e| BadInput(format!("--cgroup: {e:#}")))?;
     netaudit::capture::preflight()?;
     let config = CaptureConfig { cgroups, max_flows: args.max_flows };
