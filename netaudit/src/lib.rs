@@ -2,7 +2,14 @@
 //! with the traffic it is supposed to need.
 //!
 //! Stages of the data path, one module each: [`capture`] (kernel programs → flows) feeds the
-//! shared flow [`model`]; the CLI in the binary wires the stages to commands.
+//! shared flow [`model`]; [`inventory`] knows the cluster (who owns an address, which Service
+//! fronts which backends); [`policy`] reads four policy engines and judges connections;
+//! [`chart`] renders the audited chart's policies from its values; [`matrix`] says which traffic
+//! the workload needs; [`check`] puts them together per flow. The CLI in the binary wires the
+//! stages to commands; [`input`] reads what users hand it, with errors that name the place.
 
 pub mod capture;
+pub mod input;
+pub mod inventory;
 pub mod model;
+pub mod policy;

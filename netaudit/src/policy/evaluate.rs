@@ -1,0 +1,428 @@
+//! Judging one connection against a set of policies.
+//!
+//! A connection is judged at each end that is a pod: egress at the initiator, ingress at the
+//! server; it passes when every judged end allows it (an end that is not a pod is judged on the
+//! pod side only). Per end the tiers go in the dataplane's order:
+//!
+//! 1. ClusterNetworkPolicy Admin, by priority, rules in order: Accept/Deny decide, Pass skips to 2.
+//! 2. The namespaced tier: Cilium deny rules first (deny beats allow), then policies by order
+//!    (Calico `order`; NetworkPolicy and Cilium allows at 1000), first matching rule decides
+//!    (Calico Pass skips to 3, Log goes on). A pod selected by any policy of the direction is
+//!    isolated: no matching rule means denied, and Baseline is not consulted.
+//! 3. ClusterNetworkPolicy Baseline, by priority.
+//! 4. Otherwise allowed.
+//!
+//! Traffic from the pod's own node is always admitted (kubelet probes): NetworkPolicy cannot block
+//! it, and Cilium allows host→endpoint by default.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::IpAddr,
+    rc::Rc,
+};
+
+use serde::Serialize;
+
+use super::{Action, Entity, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Tier};
+use crate::{
+    inventory::{Inventory, Labels, NAMESPACE_NAME_LABEL, Owner, PodInfo},
+    model::Protocol,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Egress,
+    Ingress,
+}
+
+/// One end of a connection, with who owns the address.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint<'a> {
+    pub ip: IpAddr,
+    pub owner: Owner<'a>,
+    /// DNS names the workload resolved to this address (for FQDN rules).
+    pub names: &'a [String],
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Conn<'a> {
+    pub protocol: Protocol,
+    pub src: Endpoint<'a>,
+    pub dst: Endpoint<'a>,
+    /// The destination (service) port; none for ICMP.
+    pub port: Option<u16>,
+}
+
+/// How one end decided.
+#[derive(Clone, Debug, Serialize)]
+pub struct SideVerdict {
+    pub side: Side,
+    /// The pod judged (`namespace/name`).
+    pub pod: String,
+    pub allowed: bool,
+    /// `admin`, `namespaced`, `baseline`, `default` or `own-node`.
+    pub tier: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// For an isolated pod with no matching rule: the policies that isolate it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub isolated_by: Vec<String>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnVerdict {
+    pub allowed: bool,
+    pub sides: Vec<SideVerdict>,
+}
+
+pub struct Evaluator<'a> {
+    inv: &'a Inventory,
+    admin: Vec<&'a Policy>,
+    namespaced: Vec<&'a Policy>,
+    baseline: Vec<&'a Policy>,
+    /// Namespaced policies selecting a pod, per (pod, side): most flows share their pods.
+    selecting: RefCell<HashMap<(usize, Side), Rc<Vec<usize>>>>,
+}
+
+impl<'a> Evaluator<'a> {
+    pub fn new(inv: &'a Inventory, policies: &'a [Policy]) -> Evaluator<'a> {
+        let mut admin = Vec::new();
+        let mut namespaced = Vec::new();
+        let mut baseline = Vec::new();
+        for p in policies {
+            match p.tier {
+                Tier::Admin(_) => admin.push(p),
+                Tier::Namespaced(_) => namespaced.push(p),
+                Tier::Baseline(_) => baseline.push(p),
+            }
+        }
+        let key = |p: &&Policy| match p.tier {
+            Tier::Admin(n) | Tier::Baseline(n) => n as f64,
+            Tier::Namespaced(o) => o,
+        };
+        let by_precedence = |a: &&Policy, b: &&Policy| key(a).total_cmp(&key(b)).then_with(|| a.id.name.cmp(&b.id.name));
+        admin.sort_by(by_precedence);
+        namespaced.sort_by(by_precedence);
+        baseline.sort_by(by_precedence);
+        Evaluator { inv, admin, namespaced, baseline, selecting: RefCell::default() }
+    }
+
+    pub fn inventory(&self) -> &'a Inventory {
+        self.inv
+    }
+
+    pub fn judge(&self, c: &Conn<'_>) -> ConnVerdict {
+        let mut sides = Vec::new();
+        if let Owner::Pod(p) = c.src.owner {
+            sides.push(self.side(Side::Egress, p, &c.dst, c.protocol, c.port));
+        }
+        if let Owner::Pod(p) = c.dst.owner {
+            sides.push(self.side(Side::Ingress, p, &c.src, c.protocol, c.port));
+        }
+        ConnVerdict { allowed: sides.iter().all(|s| s.allowed), sides }
+    }
+
+    /// Judges one end: `subject` sending (egress) to or receiving (ingress) from `peer`.
+    pub fn side(&self, side: Side, subject: &PodInfo, peer: &Endpoint<'_>, proto: Protocol, port: Option<u16>) -> SideVerdict {
+        let what = || describe_conn(side, peer, proto, port);
+        let verdict = |allowed, tier, policy: Option<&Policy>, rule: Option<&Rule>, reason: String| SideVerdict {
+            side,
+            pod: subject.id(),
+            allowed,
+            tier,
+            policy: policy.map(|p| p.id.clone()),
+            rule: rule.map(|r| r.label.clone()),
+            isolated_by: Vec::new(),
+            reason,
+        };
+        if side == Side::Ingress
+            && let Owner::Node(n) = peer.owner
+            && subject.node_name.as_deref() == Some(n.name.as_str())
+        {
+            return verdict(
+                true,
+                "own-node",
+                None,
+                None,
+                format!("{} comes from the pod's own node {}: never blocked by policy (kubelet probes)", what(), n.name),
+            );
+        }
+        let m = Match { ev: self, side, subject, peer, proto, port };
+        for p in &self.admin {
+            if let Some((r, action)) = m.first_rule(p) {
+                match action {
+                    Action::Allow => return verdict(true, "admin", Some(p), Some(r), format!("{} is accepted by {} {}", what(), p.id, r.label)),
+                    Action::Deny => return verdict(false, "admin", Some(p), Some(r), format!("{} is denied by {} {}", what(), p.id, r.label)),
+                    Action::Pass => break,
+                    Action::Log => {}
+                }
+            }
+        }
+        let selecting = self.selecting(subject, side);
+        let mut passed = false;
+        for &i in selecting.iter() {
+            let p = self.namespaced[i];
+            if let Some((r, action)) = m.first_rule(p) {
+                match action {
+                    Action::Allow => return verdict(true, "namespaced", Some(p), Some(r), format!("{} is allowed by {} {}", what(), p.id, r.label)),
+                    Action::Deny => return verdict(false, "namespaced", Some(p), Some(r), format!("{} is denied by {} {}", what(), p.id, r.label)),
+                    Action::Pass => {
+                        passed = true;
+                        break;
+                    }
+                    Action::Log => {}
+                }
+            }
+        }
+        if !selecting.is_empty() && !passed {
+            let names: Vec<String> = selecting.iter().map(|&i| self.namespaced[i].id.to_string()).collect();
+            let mut v = verdict(
+                false,
+                "namespaced",
+                None,
+                None,
+                format!(
+                    "{} is isolated for {} by {}, and no rule there allows {}",
+                    subject.id(),
+                    side_name(side),
+                    names.join(", "),
+                    what()
+                ),
+            );
+            v.isolated_by = names;
+            return v;
+        }
+        for p in &self.baseline {
+            if let Some((r, action)) = m.first_rule(p) {
+                match action {
+                    Action::Allow => return verdict(true, "baseline", Some(p), Some(r), format!("{} is accepted by {} {}", what(), p.id, r.label)),
+                    Action::Deny => return verdict(false, "baseline", Some(p), Some(r), format!("{} is denied by {} {}", what(), p.id, r.label)),
+                    Action::Pass => break,
+                    Action::Log => {}
+                }
+            }
+        }
+        verdict(
+            true,
+            "default",
+            None,
+            None,
+            format!("no policy isolates {} for {}: {} is allowed", subject.id(), side_name(side), what()),
+        )
+    }
+
+    /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
+    /// order.
+    fn selecting(&self, pod: &PodInfo, side: Side) -> Rc<Vec<usize>> {
+        let key = (pod as *const PodInfo as usize, side);
+        if let Some(v) = self.selecting.borrow().get(&key) {
+            return v.clone();
+        }
+        let v: Rc<Vec<usize>> = Rc::new(
+            self.namespaced
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| rules_for(p, side).is_some() && self.subject_matches(p, pod))
+                .map(|(i, _)| i)
+                .collect(),
+        );
+        self.selecting.borrow_mut().insert(key, v.clone());
+        v
+    }
+
+    fn subject_matches(&self, p: &Policy, pod: &PodInfo) -> bool {
+        !pod.host_network && self.ns_matches(&p.subject.ns, &pod.namespace) && p.subject.pods.matches(&pod.labels)
+    }
+
+    fn ns_matches(&self, sel: &NsSel, ns: &str) -> bool {
+        match sel {
+            NsSel::Any => true,
+            NsSel::Named(n) => n == ns,
+            NsSel::Matching(s) => match self.inv.namespace_labels(ns) {
+                Some(l) => s.matches(l),
+                // A namespace missing from the inventory still carries its name label.
+                None => s.matches(&Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())])),
+            },
+        }
+    }
+}
+
+fn rules_for(p: &Policy, side: Side) -> Option<&Vec<Rule>> {
+    match side {
+        Side::Egress => p.egress.as_ref(),
+        Side::Ingress => p.ingress.as_ref(),
+    }
+}
+
+/// One end's question, asked of rule after rule.
+struct Match<'e, 'a> {
+    ev: &'e Evaluator<'a>,
+    side: Side,
+    subject: &'e PodInfo,
+    peer: &'e Endpoint<'e>,
+    proto: Protocol,
+    port: Option<u16>,
+}
+
+impl Match<'_, '_> {
+    /// The first rule of `p` (for this side) that matches, if `p` selects the subject.
+    fn first_rule<'p>(&self, p: &'p Policy) -> Option<(&'p Rule, Action)> {
+        let rules = rules_for(p, self.side)?;
+        if !self.ev.subject_matches(p, self.subject) {
+            return None;
+        }
+        rules.iter().find(|r| self.rule_matches(r)).map(|r| (r, r.action))
+    }
+
+    fn rule_matches(&self, r: &Rule) -> bool {
+        if let Some(local) = &r.local
+            && !local.matches(&self.subject.labels)
+        {
+            return false;
+        }
+        (r.ports.is_empty() || r.ports.iter().any(|p| self.port_matches(p)))
+            && !r.not_ports.iter().any(|p| self.port_matches(p))
+            && self.peer_matches(&r.peer)
+    }
+
+    fn port_matches(&self, sel: &PortSel) -> bool {
+        if sel.protocol.is_some_and(|p| p != self.proto) {
+            return false;
+        }
+        match &sel.port {
+            PortSpec::Any => true,
+            PortSpec::Range(lo, hi) => self.port.is_some_and(|p| (*lo..=*hi).contains(&p)),
+            PortSpec::Named(name) => {
+                // Named ports belong to the destination pod: the subject on ingress, the peer on egress.
+                let dst = match self.side {
+                    Side::Ingress => Some(self.subject),
+                    Side::Egress => match self.peer.owner {
+                        Owner::Pod(p) => Some(p),
+                        _ => None,
+                    },
+                };
+                dst.and_then(|d| d.named_port(name, self.proto)).is_some_and(|n| Some(n) == self.port)
+            }
+        }
+    }
+
+    fn peer_matches(&self, sel: &PeerSel) -> bool {
+        let inv = self.ev.inv;
+        let ip = self.peer.ip;
+        match sel {
+            PeerSel::Any => true,
+            PeerSel::Nothing => false,
+            PeerSel::Pods { ns, pods } => match self.peer.owner {
+                Owner::Pod(p) => !p.host_network && self.ev.ns_matches(ns, &p.namespace) && pods.matches(&p.labels),
+                _ => false,
+            },
+            PeerSel::Ip { net, except, world_only } => {
+                net.contains(&ip)
+                    && !except.iter().any(|e| e.contains(&ip))
+                    && (!world_only || (matches!(self.peer.owner, Owner::External) && !inv.is_apiserver(ip)))
+            }
+            PeerSel::Nodes(s) => matches!(self.peer.owner, Owner::Node(n) if s.matches(&n.labels)),
+            PeerSel::Entity(e) => match e {
+                Entity::All => true,
+                Entity::World => matches!(self.peer.owner, Owner::External),
+                Entity::WorldIpv4 => matches!(self.peer.owner, Owner::External) && ip.is_ipv4(),
+                Entity::WorldIpv6 => matches!(self.peer.owner, Owner::External) && ip.is_ipv6(),
+                Entity::Cluster => !matches!(self.peer.owner, Owner::External),
+                Entity::Host => {
+                    matches!(self.peer.owner, Owner::Node(n) if self.subject.node_name.as_deref() == Some(n.name.as_str()))
+                }
+                Entity::RemoteNode => {
+                    matches!(self.peer.owner, Owner::Node(n) if self.subject.node_name.as_deref() != Some(n.name.as_str()))
+                }
+                Entity::KubeApiserver => inv.is_apiserver(ip),
+                Entity::Other => false,
+            },
+            PeerSel::Fqdn(patterns) => self.peer.names.iter().any(|n| patterns.iter().any(|p| fqdn_matches(p, n))),
+            PeerSel::AnyOf(v) => v.iter().any(|s| self.peer_matches(s)),
+            PeerSel::All(v) => v.iter().all(|s| self.peer_matches(s)),
+            PeerSel::Not(s) => !self.peer_matches(s),
+        }
+    }
+}
+
+/// DNS name patterns: `*` alone matches every name; `*` elsewhere matches within one label;
+/// a leading `**.` matches one or more labels. Case and a trailing dot do not matter.
+pub fn fqdn_matches(pattern: &str, name: &str) -> bool {
+    let p = pattern.trim_end_matches('.').to_ascii_lowercase();
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    if p == "*" {
+        return true;
+    }
+    if let Some(suffix) = p.strip_prefix("**.") {
+        return n.len() > suffix.len() + 1
+            && n.ends_with(suffix)
+            && n.as_bytes()[n.len() - suffix.len() - 1] == b'.'
+            && glob(suffix, &n[n.len() - suffix.len()..]);
+    }
+    glob(&p, &n)
+}
+
+/// `*` matches any run of characters other than '.'.
+fn glob(p: &str, n: &str) -> bool {
+    match p.split_once('*') {
+        None => p == n,
+        Some((head, tail)) => {
+            let Some(rest) = n.strip_prefix(head) else { return false };
+            (0..=rest.len())
+                .take_while(|&i| !rest[..i].contains('.'))
+                .any(|i| glob(tail, &rest[i..]))
+        }
+    }
+}
+
+fn side_name(s: Side) -> &'static str {
+    match s {
+        Side::Egress => "egress",
+        Side::Ingress => "ingress",
+    }
+}
+
+fn describe_conn(side: Side, peer: &Endpoint<'_>, proto: Protocol, port: Option<u16>) -> String {
+    let who = describe_endpoint(peer);
+    let port = port.map(|p| format!("/{p}")).unwrap_or_default();
+    match side {
+        Side::Egress => format!("{proto}{port} to {who}"),
+        Side::Ingress => format!("{proto}{port} from {who}"),
+    }
+}
+
+/// `pod x/a (10.0.0.1)`, `node cp (172.18.0.2)`, `192.0.2.9 (s3.example.com)`.
+pub fn describe_endpoint(e: &Endpoint<'_>) -> String {
+    match e.owner {
+        Owner::Pod(p) => format!("pod {} ({})", p.id(), e.ip),
+        Owner::Node(n) => format!("node {} ({})", n.name, e.ip),
+        Owner::External if e.names.is_empty() => e.ip.to_string(),
+        Owner::External => format!("{} ({})", e.ip, e.names.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fqdn_patterns() {
+        for (p, n, want) in [
+            ("s3.example.com", "S3.example.com.", true),
+            ("*.example.com", "s3.example.com", true),
+            ("*.example.com", "a.b.example.com", false),
+            ("**.example.com", "a.b.example.com", true),
+            ("**.example.com", "example.com", false),
+            ("*", "anything.at.all", true),
+            ("s3-*.amazonaws.com", "s3-eu-west-1.amazonaws.com", true),
+            ("s3-*.amazonaws.com", "s3.amazonaws.com", false),
+        ] {
+            assert_eq!(fqdn_matches(p, n), want, "{p} vs {n}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! `networking.k8s.io/v1` NetworkPolicy, read with the k8s-openapi types.
+//!
+//! Semantics (kubernetes.io/docs/concepts/services-networking/network-policies): a policy isolates
+//! the pods it selects for each of its `policyTypes` (default: Ingress, plus Egress when it has
+//! egress rules); allows are the union over policies; within one `from`/`to` entry the selectors
+//! are ANDed, entries are ORed; an absent or empty `from`/`to` matches everything, absent or empty
+//! `ports` every port.
+
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    Action, Engine, LabelSelector, NETWORK_POLICY_ORDER, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule,
+    Selector, Subject, Tier, field_error, parse_cidr,
+};
+use crate::{input::Document, inventory::parse_protocol};
+
+pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
+    let np: NetworkPolicy = doc.parse()?;
+    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = np.metadata.name.clone().unwrap_or_default();
+    let spec = np.spec.unwrap_or_default();
+    let err = |m: String| field_error(doc, m);
+    let pods = selector(spec.pod_selector.as_ref(), "spec.podSelector").map_err(err)?;
+    let (mut ingress_type, mut egress_type) = (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
+    if let Some(types) = &spec.policy_types {
+        (ingress_type, egress_type) = (false, false);
+        for (i, t) in types.iter().enumerate() {
+            match t.as_str() {
+                "Ingress" => ingress_type = true,
+                "Egress" => egress_type = true,
+                other => return Err(err(format!("spec.policyTypes[{i}]: `{other}` is not Ingress or Egress"))),
+            }
+        }
+    }
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        let at = format!("spec.ingress[{i}]");
+        ingress.push(Rule {
+            label: at.clone(),
+            action: Action::Allow,
+            peer: peers(r.from.as_deref(), &namespace, &format!("{at}.from")).map_err(err)?,
+            ports: ports(r.ports.as_deref(), &format!("{at}.ports")).map_err(err)?,
+            not_ports: Vec::new(),
+            local: None,
+        });
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        let at = format!("spec.egress[{i}]");
+        egress.push(Rule {
+            label: at.clone(),
+            action: Action::Allow,
+            peer: peers(r.to.as_deref(), &namespace, &format!("{at}.to")).map_err(err)?,
+            ports: ports(r.ports.as_deref(), &format!("{at}.ports")).map_err(err)?,
+            not_ports: Vec::new(),
+            local: None,
+        });
+    }
+    Ok(Policy {
+        id: PolicyId {
+            engine: Engine::Kubernetes,
+            kind: "NetworkPolicy".into(),
+            namespace: Some(namespace.clone()),
+            name,
+            origin: doc.origin.clone(),
+        },
+        tier: Tier::Namespaced(NETWORK_POLICY_ORDER),
+        subject: Subject { ns: NsSel::Named(namespace), pods },
+        ingress: ingress_type.then_some(ingress),
+        egress: egress_type.then_some(egress),
+    })
+}
+
+fn selector(
+    sel: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    at: &str,
+) -> Result<Selector, String> {
+    Ok(Selector::Label(match sel {
+        Some(s) => LabelSelector::from_k8s(s, at)?,
+        None => LabelSelector::default(),
+    }))
+}
+
+/// `from`/`to`: absent or empty matches every peer.
+fn peers(list: Option<&[NetworkPolicyPeer]>, namespace: &str, at: &str) -> Result<PeerSel, String> {
+    let Some(list) = list.filter(|l| !l.is_empty()) else { return Ok(PeerSel::Any) };
+    let mut out = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        out.push(match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
+            (Some(b), None, None) => {
+                let net = parse_cidr(&b.cidr, &format!("{at}.ipBlock.cidr"))?;
+                let mut except = Vec::new();
+                for (j, e) in b.except.iter().flatten().enumerate() {
+                    let e_at = format!("{at}.ipBlock.except[{j}]");
+                    let x = parse_cidr(e, &e_at)?;
+                    if !net.contains(&x) {
+                        return Err(format!("{e_at}: `{e}` is not inside the block's cidr {net}"));
+                    }
+                    except.push(x);
+                }
+                PeerSel::Ip { net, except, world_only: false }
+            }
+            (Some(_), _, _) => return Err(format!("{at}: ipBlock cannot be combined with namespaceSelector or podSelector")),
+            (None, None, None) => {
+                return Err(format!("{at}: a peer needs at least one of podSelector, namespaceSelector, ipBlock"));
+            }
+            (None, ns_sel, pod_sel) => {
+                let ns = match ns_sel {
+                    None => NsSel::Named(namespace.to_string()),
+                    Some(s) => {
+                        let s = selector(Some(s), &format!("{at}.namespaceSelector"))?;
+                        if s.is_everything() { NsSel::Any } else { NsSel::Matching(s) }
+                    }
+                };
+                PeerSel::Pods { ns, pods: selector(pod_sel.as_ref(), &format!("{at}.podSelector"))? }
+            }
+        });
+    }
+    Ok(if out.len() == 1 { out.pop().unwrap() } else { PeerSel::AnyOf(out) })
+}
+
+fn ports(list: Option<&[NetworkPolicyPort]>, at: &str) -> Result<Vec<PortSel>, String> {
+    let mut out = Vec::new();
+    for (i, p) in list.iter().copied().flatten().enumerate() {
+        let at = format!("{at}[{i}]");
+        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| format!("{at}.protocol: {e}"))?;
+        let port = match (&p.port, p.end_port) {
+            (None, None) => PortSpec::Any,
+            (None, Some(_)) => return Err(format!("{at}.endPort: needs a numeric `port`")),
+            (Some(IntOrString::Int(n)), end) => {
+                let lo = port_number(*n).ok_or_else(|| format!("{at}.port: {n} is not a port (1-65535)"))?;
+                let hi = match end {
+                    None => lo,
+                    Some(e) => port_number(e)
+                        .filter(|e| *e >= lo)
+                        .ok_or_else(|| format!("{at}.endPort: {e} must be a port (1-65535) not below port {lo}"))?,
+                };
+                PortSpec::Range(lo, hi)
+            }
+            (Some(IntOrString::String(s)), None) => match s.parse::<i32>() {
+                // The API would have stored a number; a quoted number in YAML still means one.
+                Ok(n) => PortSpec::Range(
+                    port_number(n).ok_or_else(|| format!("{at}.port: {n} is not a port (1-65535)"))?,
+                    port_number(n).unwrap(),
+                ),
+                Err(_) => PortSpec::Named(valid_port_name(s).map_err(|e| format!("{at}.port: {e}"))?),
+            },
+            (Some(IntOrString::String(_)), Some(_)) => {
+                return Err(format!("{at}.endPort: cannot be used with a named port"));
+            }
+        };
+        out.push(PortSel { protocol: Some(protocol), port });
+    }
+    Ok(out)
+}
+
+pub(crate) fn port_number(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p > 0)
+}
+
+/// An IANA_SVC_NAME, as container port names must be: ≤ 15 chars, lowercase alphanumerics and
+/// '-', at least one letter.
+pub(crate) fn valid_port_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok { Ok(s.to_string()) } else { Err(format!("`{s}` is neither a port number nor a valid port name")) }
+}
