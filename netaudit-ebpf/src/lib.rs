@@ -20,6 +20,9 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
 
+/// The DNS port (UDP and TCP): answers from it are captured; policies and the matrix use it too.
+pub const DNS_PORT: u16 = 53;
+
 /// One connection-level flow: (audited cgroup, initiator, protocol, local address, peer address,
 /// service port). The ephemeral port is deliberately not part of the key, so repeated connections
 /// to one service aggregate into one flow.

@@ -24,14 +24,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockContext},
 };
 use netaudit_ebpf::{
-    DNS_CAPTURE_LEN, DnsEvent, FAMILY_V4, FAMILY_V6, FlowKey, FlowStats, INITIATOR_LOCAL, INITIATOR_REMOTE,
+    DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, FAMILY_V4, FAMILY_V6, FlowKey, FlowStats, INITIATOR_LOCAL, INITIATOR_REMOTE,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ListenKey, MAX_CGROUP_LEVEL, SockState,
     config, loss,
 };
 
 const PASS: i32 = 1;
 const EEXIST: i32 = 17;
-const DNS_PORT: u16 = 53;
 
 // Kernel TCP states (include/net/tcp_states.h); UDP sockets use ESTABLISHED once connected.
 const TCP_ESTABLISHED: u32 = 1;

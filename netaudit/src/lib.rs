@@ -9,6 +9,7 @@
 //! stages to commands; [`input`] reads what users hand it, with errors that name the place.
 
 pub mod capture;
+pub mod chart;
 pub mod input;
 pub mod inventory;
 pub mod model;

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 /// The flow file's format version. Readers reject files with a newer major version.
 pub const FLOW_FILE_VERSION: u32 = 1;
 
+pub use netaudit_ebpf::DNS_PORT;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FlowFile {
     /// Format version ([`FLOW_FILE_VERSION`]).

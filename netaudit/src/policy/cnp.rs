@@ -1,3 +1,239 @@
-use super::Policy;
-use crate::input::Document;
-pub fn parse(doc: &Document) -> anyhow::Result<Policy> { Err(super::field_error(doc, "TODO")) }
+//! `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (network-policy-api).
+//!
+//! Semantics (the API's own type documentation): Admin tier before NetworkPolicy, Baseline after
+//! it; within a tier lower `priority` first; within a policy rules in order, the first match's
+//! action decides (Accept, Deny, Pass = skip to the next tier). A policy with no rules in a
+//! direction does not affect it. Peers: `namespaces` and `pods` select pods (never host-network
+//! pods or nodes), `nodes` node addresses, `networks` CIDRs (pods included), `domainNames` DNS
+//! names (Accept only). A peer with no known field fails closed: an Accept rule matches nothing,
+//! a Deny/Pass rule everything.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector as K8sLabelSelector, ObjectMeta};
+use serde::Deserialize;
+
+use super::{
+    Action, Engine, LabelSelector, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Selector, Subject, Tier,
+    field_error, parse_cidr,
+};
+use crate::{input::Document, model::Protocol};
+
+/// The highest priority the API accepts.
+pub const MAX_PRIORITY: i32 = 1000;
+
+#[derive(Deserialize)]
+struct Object {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: Spec,
+}
+
+#[derive(Deserialize)]
+struct Spec {
+    tier: String,
+    priority: i32,
+    subject: SubjectSpec,
+    #[serde(default)]
+    ingress: Vec<RuleSpec>,
+    #[serde(default)]
+    egress: Vec<RuleSpec>,
+}
+
+#[derive(Deserialize)]
+struct SubjectSpec {
+    namespaces: Option<K8sLabelSelector>,
+    pods: Option<NamespacedPod>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NamespacedPod {
+    #[serde(default)]
+    namespace_selector: K8sLabelSelector,
+    #[serde(default)]
+    pod_selector: K8sLabelSelector,
+}
+
+#[derive(Deserialize)]
+struct RuleSpec {
+    name: Option<String>,
+    action: String,
+    #[serde(alias = "from")]
+    to: Vec<PeerSpec>,
+    #[serde(default)]
+    protocols: Vec<ProtocolSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerSpec {
+    namespaces: Option<K8sLabelSelector>,
+    pods: Option<NamespacedPod>,
+    nodes: Option<K8sLabelSelector>,
+    networks: Option<Vec<String>>,
+    domain_names: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProtocolSpec {
+    tcp: Option<ProtoPorts>,
+    udp: Option<ProtoPorts>,
+    sctp: Option<ProtoPorts>,
+    destination_named_port: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProtoPorts {
+    destination_port: Option<PortSpecJson>,
+}
+
+#[derive(Deserialize)]
+struct PortSpecJson {
+    number: Option<i32>,
+    range: Option<RangeJson>,
+}
+
+#[derive(Deserialize)]
+struct RangeJson {
+    start: i32,
+    end: i32,
+}
+
+pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
+    let obj: Object = doc.parse()?;
+    let err = |m: String| field_error(doc, m);
+    let spec = obj.spec;
+    let tier = match spec.tier.as_str() {
+        "Admin" => Tier::Admin(spec.priority),
+        "Baseline" => Tier::Baseline(spec.priority),
+        other => return Err(err(format!("spec.tier: `{other}` is not Admin or Baseline"))),
+    };
+    let subject = match (&spec.subject.namespaces, &spec.subject.pods) {
+        (Some(ns), None) => Subject { ns: ns_sel(ns, "spec.subject.namespaces").map_err(err)?, pods: Selector::everything() },
+        (None, Some(p)) => Subject {
+            ns: ns_sel(&p.namespace_selector, "spec.subject.pods.namespaceSelector").map_err(err)?,
+            pods: label(&p.pod_selector, "spec.subject.pods.podSelector").map_err(err)?,
+        },
+        _ => return Err(err("spec.subject: needs exactly one of namespaces, pods".into())),
+    };
+    let rules = |list: &[RuleSpec], dir: &str| -> anyhow::Result<Option<Vec<Rule>>> {
+        let mut out = Vec::new();
+        for (i, r) in list.iter().enumerate() {
+            out.push(rule(r, &format!("spec.{dir}[{i}]"), dir == "egress").map_err(err)?);
+        }
+        Ok((!out.is_empty()).then_some(out))
+    };
+    Ok(Policy {
+        id: PolicyId {
+            engine: Engine::ClusterNetworkPolicy,
+            kind: "ClusterNetworkPolicy".into(),
+            namespace: None,
+            name: obj.metadata.name.unwrap_or_default(),
+            origin: doc.origin.clone(),
+        },
+        tier,
+        subject,
+        ingress: rules(&spec.ingress, "ingress")?,
+        egress: rules(&spec.egress, "egress")?,
+        isolates: false,
+    })
+}
+
+fn label(s: &K8sLabelSelector, at: &str) -> Result<Selector, String> {
+    Ok(Selector::Label(LabelSelector::from_k8s(s, at)?))
+}
+
+fn ns_sel(s: &K8sLabelSelector, at: &str) -> Result<NsSel, String> {
+    let sel = label(s, at)?;
+    Ok(if sel.is_everything() { NsSel::Any } else { NsSel::Matching(sel) })
+}
+
+fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
+    let action = match r.action.as_str() {
+        "Accept" => Action::Allow,
+        "Deny" => Action::Deny,
+        "Pass" => Action::Pass,
+        other => return Err(format!("{at}.action: `{other}` is not Accept, Deny or Pass")),
+    };
+    let peers_at = format!("{at}.{}", if egress { "to" } else { "from" });
+    if r.to.is_empty() {
+        return Err(format!("{peers_at}: needs at least one peer"));
+    }
+    let mut peers = Vec::new();
+    for (i, p) in r.to.iter().enumerate() {
+        let at = format!("{peers_at}[{i}]");
+        let set = [p.namespaces.is_some(), p.pods.is_some(), p.nodes.is_some(), p.networks.is_some(), p.domain_names.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if set > 1 {
+            return Err(format!("{at}: a peer sets exactly one of namespaces, pods, nodes, networks, domainNames"));
+        }
+        if !egress && (p.nodes.is_some() || p.networks.is_some() || p.domain_names.is_some()) {
+            return Err(format!("{at}: ingress peers are namespaces or pods only"));
+        }
+        peers.push(if let Some(ns) = &p.namespaces {
+            PeerSel::Pods { ns: ns_sel(ns, &format!("{at}.namespaces"))?, pods: Selector::everything() }
+        } else if let Some(pods) = &p.pods {
+            PeerSel::Pods {
+                ns: ns_sel(&pods.namespace_selector, &format!("{at}.pods.namespaceSelector"))?,
+                pods: label(&pods.pod_selector, &format!("{at}.pods.podSelector"))?,
+            }
+        } else if let Some(nodes) = &p.nodes {
+            PeerSel::Nodes(label(nodes, &format!("{at}.nodes"))?)
+        } else if let Some(nets) = &p.networks {
+            let mut any = Vec::new();
+            for (j, n) in nets.iter().enumerate() {
+                any.push(PeerSel::Ip { net: parse_cidr(n, &format!("{at}.networks[{j}]"))?, except: Vec::new(), world_only: false });
+            }
+            PeerSel::AnyOf(any)
+        } else if let Some(names) = &p.domain_names {
+            if action != Action::Allow {
+                return Err(format!("{at}.domainNames: only Accept rules may use domainNames"));
+            }
+            // `*.example.com` matches one or more labels.
+            PeerSel::Fqdn(names.iter().map(|n| n.strip_prefix("*.").map(|s| format!("**.{s}")).unwrap_or(n.clone())).collect())
+        } else if action == Action::Allow {
+            PeerSel::Nothing
+        } else {
+            PeerSel::Any
+        });
+    }
+    let mut ports = Vec::new();
+    for (i, p) in r.protocols.iter().enumerate() {
+        let at = format!("{at}.protocols[{i}]");
+        let entries = [(Protocol::Tcp, &p.tcp), (Protocol::Udp, &p.udp), (Protocol::Sctp, &p.sctp)];
+        let set = entries.iter().filter(|(_, v)| v.is_some()).count() + usize::from(p.destination_named_port.is_some());
+        if set != 1 {
+            return Err(format!("{at}: sets exactly one of tcp, udp, sctp, destinationNamedPort"));
+        }
+        if let Some(name) = &p.destination_named_port {
+            ports.push(PortSel { protocol: None, port: PortSpec::Named(name.clone()) });
+            continue;
+        }
+        for (proto, v) in entries {
+            let Some(v) = v else { continue };
+            let port = match &v.destination_port {
+                None => PortSpec::Any,
+                Some(PortSpecJson { number: Some(n), range: None }) => {
+                    let n = super::netpol::port_number(*n).ok_or_else(|| format!("{at}.destinationPort.number: {n} is not a port (1-65535)"))?;
+                    PortSpec::Range(n, n)
+                }
+                Some(PortSpecJson { number: None, range: Some(r) }) => {
+                    let lo = super::netpol::port_number(r.start);
+                    let hi = super::netpol::port_number(r.end);
+                    match (lo, hi) {
+                        (Some(lo), Some(hi)) if lo < hi => PortSpec::Range(lo, hi),
+                        _ => return Err(format!("{at}.destinationPort.range: {}-{} must be ports with start < end", r.start, r.end)),
+                    }
+                }
+                _ => return Err(format!("{at}.destinationPort: sets exactly one of number, range")),
+            };
+            ports.push(PortSel { protocol: Some(proto), port });
+        }
+    }
+    let peer = if peers.len() == 1 { peers.pop().unwrap() } else { PeerSel::AnyOf(peers) };
+    let label = r.name.clone().filter(|n| !n.is_empty()).map(|n| format!("{at} ({n})")).unwrap_or(at.to_string());
+    Ok(Rule { label, action, peer, ports, not_ports: Vec::new(), local: None })
+}

@@ -179,8 +179,10 @@ impl<'a> Evaluator<'a> {
                 }
             }
         }
-        if !selecting.is_empty() && !passed {
-            let names: Vec<String> = selecting.iter().map(|&i| self.namespaced[i].id.to_string()).collect();
+        let isolating: Vec<&Policy> = selecting.iter().map(|&i| self.namespaced[i]).filter(|p| p.isolates).collect();
+        if !isolating.is_empty() && !passed {
+            let mut names: Vec<String> = isolating.iter().map(|p| p.id.to_string()).collect();
+            names.dedup();
             let mut v = verdict(
                 false,
                 "namespaced",

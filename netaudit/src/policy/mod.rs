@@ -249,6 +249,9 @@ pub struct Policy {
     /// and allows nothing.
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
+    /// Whether selecting a pod with rules in a direction puts it in default deny there (true for
+    /// NetworkPolicy and Calico; Cilium per `enableDefaultDeny`; ClusterNetworkPolicy never).
+    pub isolates: bool,
 }
 
 /// Reads the policy objects among `docs`; returns them and the documents that are not policies.

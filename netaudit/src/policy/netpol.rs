@@ -69,6 +69,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         subject: Subject { ns: NsSel::Named(namespace), pods },
         ingress: ingress_type.then_some(ingress),
         egress: egress_type.then_some(egress),
+        isolates: true,
     })
 }
 
