@@ -10,7 +10,9 @@
 
 pub mod capture;
 pub mod chart;
+pub mod check;
 pub mod input;
 pub mod inventory;
+pub mod matrix;
 pub mod model;
 pub mod policy;

@@ -123,12 +123,20 @@ impl Values {
         s.parse().map_err(|e: String| self.err("networkPolicy.engine", e))
     }
 
-    /// Whether a condition such as `webhook.enabled` or `rollbackStore.backend == s3` holds.
+    /// Whether a condition such as `webhook.enabled`, `controller.tracing.endpoint` (a non-empty
+    /// string) or `rollbackStore.backend == s3` holds.
     pub fn condition(&self, cond: &str) -> anyhow::Result<bool> {
-        match cond.split_once("==") {
-            Some((path, want)) => Ok(self.str(path.trim())? == want.trim()),
-            None => self.bool(cond.trim()),
+        if let Some((path, want)) = cond.split_once("==") {
+            return Ok(self.str(path.trim())? == want.trim());
         }
+        Ok(match self.get(cond.trim()) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+        })
     }
 
     /// Checks every value the renderer reads, so a mistake is reported once, with its path.

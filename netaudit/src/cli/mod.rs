@@ -1,6 +1,7 @@
 //! Commands. Exit codes: 0 success, 1 the command found something (e.g. `check` found cuts) or
 //! failed at run time, 2 bad input (a file, flag or value the user must fix).
 
+mod check;
 mod record;
 
 use std::process::ExitCode;
@@ -21,12 +22,14 @@ struct Cli {
 enum Command {
     /// Record the flows of processes in cgroups (or of one process) into a flow file.
     Record(record::Args),
+    /// Judge recorded flows against policies (manifests, live objects, or the chart's values) and
+    /// the required-traffic matrix. Exit 0: nothing cut; 1: some flow cut; 2: bad input.
+    Check(check::Args),
+    /// Lint policies: objects the API server rejects, rules that do not do what they look like.
+    Lint(check::LintArgs),
 }
 
-/// An error in what the user gave us: exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
+pub use netaudit::input::BadInput;
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -42,6 +45,8 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Record(args) => record::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Lint(args) => check::run_lint(args),
     };
     match result {
         Ok(code) => code,

@@ -119,6 +119,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         ingress: ingress_type.then_some(ingress),
         egress: egress_type.then_some(egress),
         isolates: true,
+        findings: Vec::new(),
     })
 }
 

@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::{
     Action, Engine, LabelSelector, NETWORK_POLICY_ORDER, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule,
     Selector, Subject, Tier, field_error, parse_cidr,
+    lint::{Finding, Severity},
     selector::{Op, Requirement},
 };
 use crate::{input::Document, inventory::NAMESPACE_NAME_LABEL, model::Protocol};
@@ -151,6 +152,25 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
         // Default deny per direction: explicit, or "the policy has rules there".
         let ingress_enforced = dd.ingress.unwrap_or(!ingress.is_empty() || !ingress_deny.is_empty());
         let egress_enforced = dd.egress.unwrap_or(!egress.is_empty() || !egress_deny.is_empty());
+        // `ingress: []` reads like "deny all ingress" but has no rules, so it enforces nothing.
+        let mut findings = Vec::new();
+        for (dir, list, deny, explicit) in [
+            ("ingress", &rule.ingress, &rule.ingress_deny, dd.ingress),
+            ("egress", &rule.egress, &rule.egress_deny, dd.egress),
+        ] {
+            if list.as_ref().is_some_and(|l| l.is_empty()) && deny.as_ref().is_none_or(|d| d.is_empty()) && explicit.is_none() {
+                findings.push(Finding {
+                    severity: Severity::Error,
+                    code: "cilium-empty-list-enforces-nothing",
+                    policy: format!("{id} {at}.{dir}"),
+                    message: format!(
+                        "`{dir}: []` has no rules, and Cilium only enforces default deny for directions with rules: \
+                         this does not deny any {dir}"
+                    ),
+                    fix: format!("write `{dir}: [{{}}]` (a rule that matches nothing) or `enableDefaultDeny: {{{dir}: true}}`"),
+                });
+            }
+        }
         let part = |ingress: Option<Vec<Rule>>, egress: Option<Vec<Rule>>, order, isolates| Policy {
             id: id.clone(),
             tier: Tier::Namespaced(order),
@@ -158,6 +178,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
             ingress,
             egress,
             isolates,
+            findings: Vec::new(),
         };
         // Deny rules sort before every allow.
         if !ingress_deny.is_empty() || !egress_deny.is_empty() {
@@ -169,6 +190,9 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
         } else {
             out.push(part(some_if(ingress, ingress_enforced), None, NETWORK_POLICY_ORDER, ingress_enforced));
             out.push(part(None, some_if(egress, egress_enforced), NETWORK_POLICY_ORDER, egress_enforced));
+        }
+        if let Some(last) = out.last_mut() {
+            last.findings = findings;
         }
     }
     Ok(out)

@@ -137,6 +137,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         ingress: rules(&spec.ingress, "ingress")?,
         egress: rules(&spec.egress, "egress")?,
         isolates: false,
+        findings: Vec::new(),
     })
 }
 

@@ -252,6 +252,8 @@ pub struct Policy {
     /// Whether selecting a pod with rules in a direction puts it in default deny there (true for
     /// NetworkPolicy and Calico; Cilium per `enableDefaultDeny`; ClusterNetworkPolicy never).
     pub isolates: bool,
+    /// What the parser noticed that makes the policy not do what it looks like (see [`lint`]).
+    pub findings: Vec<lint::Finding>,
 }
 
 /// Reads the policy objects among `docs`; returns them and the documents that are not policies.
