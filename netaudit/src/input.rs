@@ -69,13 +69,21 @@ pub fn read_values(path: &Path) -> anyhow::Result<Vec<Value>> {
 /// Parses YAML (one or more documents) or JSON text.
 pub fn parse_values(text: &str) -> Result<Vec<Value>, String> {
     let trimmed = text.trim_start();
-    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+    let looks_json = trimmed.starts_with('{') || trimmed.starts_with('[');
+    let json_err = if looks_json {
         // JSON is YAML too, but serde_json gives exact positions for JSON's own mistakes.
-        return serde_json::from_str::<Value>(text)
-            .map(|v| vec![v])
-            .map_err(|e| format!("invalid JSON: {e}"));
-    }
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| format!("invalid YAML: {e}"))?;
+        match serde_json::from_str::<Value>(text) {
+            Ok(v) => return Ok(vec![v]),
+            Err(e) => Some(e),
+        }
+    } else {
+        None
+    };
+    // Flow-style YAML (`{a: b}`) also starts with a brace: try YAML before giving up.
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| match &json_err {
+        Some(j) => format!("invalid JSON ({j}) and invalid YAML ({e})"),
+        None => format!("invalid YAML: {e}"),
+    })?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 

@@ -172,7 +172,7 @@ impl Matrix {
     pub fn classify(&self, o: &Observation<'_>, inv: &Inventory, values: &Values) -> anyhow::Result<Classification> {
         let mut fits = Vec::new();
         for r in &self.rows {
-            if r.direction == o.direction && self.ports_fit(r, o, values)? && peer_fits(&r.peer, o, inv, values)? {
+            if r.direction == o.direction && self.ports_fit(r, o, values)? && peer_fits(&r.peer, !r.ports.is_empty(), o, inv, values)? {
                 fits.push(r);
             }
         }
@@ -234,7 +234,8 @@ impl Matrix {
     }
 }
 
-fn peer_fits(kind: &PeerKind, o: &Observation<'_>, inv: &Inventory, values: &Values) -> anyhow::Result<bool> {
+/// `has_ports`: the row names ports, so a host row whose value is unset can still be told by them.
+fn peer_fits(kind: &PeerKind, has_ports: bool, o: &Observation<'_>, inv: &Inventory, values: &Values) -> anyhow::Result<bool> {
     let ends: Vec<&Endpoint<'_>> = if o.backends.is_empty() { vec![&o.peer] } else { o.backends.iter().collect() };
     let unknown = matches!(o.peer.owner, Owner::External) && o.service.is_none();
     Ok(match kind {
@@ -262,8 +263,8 @@ fn peer_fits(kind: &PeerKind, o: &Observation<'_>, inv: &Inventory, values: &Val
         PeerKind::Host { value } => {
             let host = values.str(value)?;
             if host.is_empty() {
-                // Unset in the values: only the row's ports can tell.
-                true
+                // Unset in the values: only the row's own ports can tell (none: nothing fits).
+                has_ports
             } else {
                 host_fits(&host, o)
             }

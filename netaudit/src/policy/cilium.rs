@@ -141,7 +141,8 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
         let rules = |list: &Option<Vec<PeerRule>>, dir: &str, action| -> anyhow::Result<Vec<Rule>> {
             let mut out = Vec::new();
             for (i, r) in list.iter().flatten().enumerate() {
-                out.push(peer_rule(r, namespace.as_deref(), &format!("{at}.{dir}[{i}]"), action).map_err(err)?);
+                let prefix = if dir.starts_with("egress") { "to" } else { "from" };
+                out.push(peer_rule(r, namespace.as_deref(), &format!("{at}.{dir}[{i}]"), prefix, action).map_err(err)?);
             }
             Ok(out)
         };
@@ -198,13 +199,14 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
     Ok(out)
 }
 
-fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, action: Action) -> Result<Rule, String> {
+/// `dir`: `to` on egress, `from` on ingress (for field names in messages).
+fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action: Action) -> Result<Rule, String> {
     for key in r.other.keys() {
         tracing::warn!("{at}.{key} is not evaluated by netaudit; the rule's other selectors still apply");
     }
     let mut peers = Vec::new();
     for (i, s) in r.endpoints.iter().flatten().enumerate() {
-        let at = format!("{at}.endpoints[{i}]");
+        let at = format!("{at}.{dir}Endpoints[{i}]");
         peers.push(match reserved_entity(s, &at)? {
             Some(e) => PeerSel::Entity(e),
             None => {
@@ -214,10 +216,10 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, action: Action) ->
         });
     }
     for (i, c) in r.cidr.iter().flatten().enumerate() {
-        peers.push(PeerSel::Ip { net: cilium_cidr(c, &format!("{at}.CIDR[{i}]"))?, except: Vec::new(), world_only: true });
+        peers.push(PeerSel::Ip { net: cilium_cidr(c, &format!("{at}.{dir}CIDR[{i}]"))?, except: Vec::new(), world_only: true });
     }
     for (i, c) in r.cidr_set.iter().flatten().enumerate() {
-        let at = format!("{at}.CIDRSet[{i}]");
+        let at = format!("{at}.{dir}CIDRSet[{i}]");
         let Some(cidr) = &c.cidr else {
             if c.cidr_group_ref.is_some() {
                 tracing::warn!("{at}.cidrGroupRef is not evaluated by netaudit (CiliumCIDRGroup objects are not read)");
@@ -231,10 +233,10 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, action: Action) ->
         peers.push(PeerSel::Ip { net, except, world_only: true });
     }
     for (i, e) in r.entities.iter().flatten().enumerate() {
-        peers.push(PeerSel::Entity(e.parse().map_err(|m| format!("{at}.entities[{i}]: {m}"))?));
+        peers.push(PeerSel::Entity(e.parse().map_err(|m| format!("{at}.{dir}Entities[{i}]: {m}"))?));
     }
     for (i, s) in r.nodes.iter().flatten().enumerate() {
-        peers.push(PeerSel::Nodes(Selector::Label(LabelSelector::from_k8s(s, &format!("{at}.nodes[{i}]"))?)));
+        peers.push(PeerSel::Nodes(Selector::Label(LabelSelector::from_k8s(s, &format!("{at}.{dir}Nodes[{i}]"))?)));
     }
     let mut fqdns = Vec::new();
     for (i, f) in r.fqdns.iter().flatten().enumerate() {

@@ -13,6 +13,8 @@ pub mod evaluate;
 pub mod lint;
 pub mod netpol;
 pub mod selector;
+#[cfg(test)]
+mod semantics_tests;
 
 use std::{fmt, str::FromStr};
 
