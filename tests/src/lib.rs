@@ -34,6 +34,18 @@ pub fn traffic_bin() -> PathBuf {
     dir.join("netaudit-traffic")
 }
 
+/// The `netaudit` binary `cargo xtask test` builds beside the test binaries.
+pub fn netaudit_bin() -> PathBuf {
+    let bin = traffic_bin().with_file_name("netaudit");
+    assert!(bin.is_file(), "{} is missing: run the tests through `cargo xtask test`, which builds it", bin.display());
+    bin
+}
+
+/// The fixtures folder (tests/fixtures).
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
 /// Whether the real-kernel tests can run. Without root they skip loudly; under CI a skip is a
 /// failure, so a misconfigured runner cannot pass by skipping.
 pub fn require_kernel() -> bool {

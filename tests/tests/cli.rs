@@ -1,15 +1,9 @@
 //! The `netaudit record` command line: real recordings by PID, and bad input.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
 use netaudit::model::{Direction, FlowFile, Protocol};
 use netaudit_tests::*;
-
-fn netaudit_bin() -> PathBuf {
-    let bin = traffic_bin().with_file_name("netaudit");
-    assert!(bin.is_file(), "{} is missing: run the tests through `cargo xtask test`, which builds it", bin.display());
-    bin
-}
 
 #[test]
 fn record_by_pid_writes_the_flow_file_atomically() {
