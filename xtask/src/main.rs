@@ -19,7 +19,9 @@ commands:
   bootstrap   add rust-src to the nightly toolchain and build bpf-linker (cached under target/)
   build       bootstrap, then build target/release/netaudit with the eBPF object embedded
   test        bootstrap, then run the whole test suite (real-kernel tests need root)
-  bench       bootstrap, then run the benchmarks and print the figures (root)
+  bench [kernel|check]
+              bootstrap, then run the benchmarks and print the figures: `kernel` (the eBPF
+              programs, root), `check` (flows x policies); both when not named
 ";
 
 fn main() -> ExitCode {
@@ -59,12 +61,16 @@ fn run(args: &[String]) -> Result<()> {
         }
         "bench" => {
             let env = toolchain::bootstrap(&root)?;
-            cargo(
-                &root,
-                &env,
-                &["run", "--release", "--package", "netaudit-tests", "--bin", "netaudit-bench", "--"],
-                rest,
-            )?;
+            let which = rest.first().map(String::as_str);
+            let bins: &[&str] = match which {
+                None => &["netaudit-bench-check", "netaudit-bench"],
+                Some("check") => &["netaudit-bench-check"],
+                Some("kernel") => &["netaudit-bench"],
+                Some(other) => bail!("unknown benchmark `{other}`: use kernel or check"),
+            };
+            for bin in bins {
+                cargo(&root, &env, &["run", "--release", "--package", "netaudit-tests", "--bin", bin], &[])?;
+            }
         }
         "help" | "-h" | "--help" => eprint!("{USAGE}"),
         other => {

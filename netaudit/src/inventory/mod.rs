@@ -118,6 +118,10 @@ pub struct Inventory {
     pod_by_ip: HashMap<IpAddr, usize>,
     service_by_ip: HashMap<IpAddr, usize>,
     node_by_ip: HashMap<IpAddr, usize>,
+    /// Per Service (same index as `services`): its EndpointSlices.
+    slices_of_service: Vec<Vec<SliceInfo>>,
+    /// The apiserver's ClusterIPs and endpoint addresses.
+    apiserver_ips: std::collections::HashSet<IpAddr>,
     /// What was skipped and why (unknown kinds), for the user's information.
     pub notes: Vec<String>,
 }
@@ -324,6 +328,20 @@ impl Inventory {
                 self.service_by_ip.insert(*ip, i);
             }
         }
+        self.slices_of_service = self
+            .services
+            .iter()
+            .map(|s| self.slices.get(&(s.namespace.clone(), s.name.clone())).cloned().unwrap_or_default())
+            .collect();
+        let (ns, name) = APISERVER_SERVICE;
+        self.apiserver_ips = self
+            .slices
+            .get(&(ns.to_string(), name.to_string()))
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s.addresses.iter().copied())
+            .chain(self.service(ns, name).into_iter().flat_map(|s| s.cluster_ips.iter().copied()))
+            .collect();
     }
 
     pub fn owner(&self, ip: IpAddr) -> Owner<'_> {
@@ -364,7 +382,12 @@ impl Inventory {
     /// same name (the target port, resolved by the endpoints controller).
     pub fn backends(&self, svc: &ServiceInfo, port: &ServicePort) -> Vec<Backend> {
         let mut out = Vec::new();
-        for slice in self.slices.get(&(svc.namespace.clone(), svc.name.clone())).into_iter().flatten() {
+        let index = self.services.iter().position(|s| std::ptr::eq(s, svc));
+        let slices = match index {
+            Some(i) => self.slices_of_service.get(i),
+            None => self.slices.get(&(svc.namespace.clone(), svc.name.clone())),
+        };
+        for slice in slices.into_iter().flatten() {
             let Some(&(_, bport, _)) =
                 slice.ports.iter().find(|(name, _, proto)| *name == port.name && *proto == port.protocol)
             else {
@@ -382,11 +405,7 @@ impl Inventory {
 
     /// Addresses that are the apiserver: the endpoints of `default/kubernetes`.
     pub fn is_apiserver(&self, ip: IpAddr) -> bool {
-        let (ns, name) = APISERVER_SERVICE;
-        self.slices
-            .get(&(ns.to_string(), name.to_string()))
-            .is_some_and(|slices| slices.iter().any(|s| s.addresses.contains(&ip)))
-            || self.service(ns, name).is_some_and(|s| s.cluster_ips.contains(&ip))
+        self.apiserver_ips.contains(&ip)
     }
 
     pub fn apiserver_endpoints(&self) -> Vec<Backend> {

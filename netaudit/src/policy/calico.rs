@@ -107,13 +107,13 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
     let ingress = rules(&spec.ingress, "ingress", true)?;
     let egress = rules(&spec.egress, "egress", false)?;
     Ok(Policy {
-        id: PolicyId {
+        id: std::sync::Arc::new(PolicyId {
             engine: Engine::Calico,
             kind: doc.kind().to_string(),
             namespace: namespace.clone(),
             name: obj.metadata.name.unwrap_or_default(),
             origin: doc.origin.clone(),
-        },
+        }),
         tier: Tier::Namespaced(spec.order.unwrap_or(f64::INFINITY)),
         subject: Subject { ns, pods },
         ingress: ingress_type.then_some(ingress),

@@ -121,13 +121,13 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
     let mut out = Vec::new();
     for (at, rule) in specs {
         let err = |m: String| field_error(doc, m);
-        let id = PolicyId {
+        let id = std::sync::Arc::new(PolicyId {
             engine: Engine::Cilium,
             kind: doc.kind().to_string(),
             namespace: namespace.clone(),
             name: name.clone(),
             origin: doc.origin.clone(),
-        };
+        });
         let Some(sel) = &rule.endpoint_selector else {
             if rule.node_selector.is_some() {
                 tracing::warn!("{}: {id} {at}: nodeSelector (host firewall) policies are not evaluated", doc.origin);

@@ -125,13 +125,13 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         Ok((!out.is_empty()).then_some(out))
     };
     Ok(Policy {
-        id: PolicyId {
+        id: std::sync::Arc::new(PolicyId {
             engine: Engine::ClusterNetworkPolicy,
             kind: "ClusterNetworkPolicy".into(),
             namespace: None,
             name: obj.metadata.name.unwrap_or_default(),
             origin: doc.origin.clone(),
-        },
+        }),
         tier,
         subject,
         ingress: rules(&spec.ingress, "ingress")?,

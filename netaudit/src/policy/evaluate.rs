@@ -65,7 +65,7 @@ pub struct SideVerdict {
     /// `admin`, `namespaced`, `baseline`, `default` or `own-node`.
     pub tier: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<PolicyId>,
+    pub policy: Option<std::sync::Arc<PolicyId>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// For an isolated pod with no matching rule: the policies that isolate it.

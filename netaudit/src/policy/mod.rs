@@ -244,7 +244,8 @@ pub struct Subject {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
-    pub id: PolicyId,
+    /// Shared: every verdict a policy decides names it.
+    pub id: std::sync::Arc<PolicyId>,
     pub tier: Tier,
     pub subject: Subject,
     /// `None`: the policy does not apply to ingress (does not isolate). `Some(empty)`: isolates

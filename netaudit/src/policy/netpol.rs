@@ -58,13 +58,13 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         });
     }
     Ok(Policy {
-        id: PolicyId {
+        id: std::sync::Arc::new(PolicyId {
             engine: Engine::Kubernetes,
             kind: "NetworkPolicy".into(),
             namespace: Some(namespace.clone()),
             name,
             origin: doc.origin.clone(),
-        },
+        }),
         tier: Tier::Namespaced(NETWORK_POLICY_ORDER),
         subject: Subject { ns: NsSel::Named(namespace), pods },
         ingress: ingress_type.then_some(ingress),

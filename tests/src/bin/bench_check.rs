@@ -1,0 +1,180 @@
+//! `cargo xtask bench check`: how fast `check` judges flows, against a baseline in the same run.
+//!
+//! A synthetic cluster (100 namespaces × 20 pods, 100 Services with EndpointSlices, 10 nodes) and
+//! 1 000 NetworkPolicies (10 per namespace: pod selectors with matchExpressions, namespace
+//! selectors, ipBlocks with except, numeric and named ports, endPort ranges), and 100 000 flows
+//! (pod→pod, pod→Service ClusterIP, pod→external, node→pod), generated deterministically.
+//! Each round runs the whole `Check::run` (enrichment, Service translation, evaluation, matrix,
+//! lint) with the 1 000 policies and, as the baseline, with none. Median of 5 rounds.
+//! No root needed.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Instant,
+};
+
+use anyhow::Result;
+use netaudit::{
+    chart::{Release, Values},
+    check::Check,
+    input::Document,
+    inventory::Inventory,
+    matrix::Matrix,
+    model::{Direction, Endpoint, Flow, FlowFile, Losses, Protocol},
+    policy,
+};
+use serde_json::{Value, json};
+
+const NAMESPACES: usize = 100;
+const PODS_PER_NS: usize = 20;
+const POLICIES_PER_NS: usize = 10;
+const FLOWS: usize = 100_000;
+const ROUNDS: usize = 5;
+
+/// A small deterministic generator (no dependency, same numbers every run).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n
+    }
+}
+
+fn pod_ip(ns: usize, pod: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, ns as u8, pod as u8 + 1)
+}
+
+fn doc(value: Value) -> Document {
+    Document { origin: "bench".into(), value }
+}
+
+fn cluster(rng: &mut Lcg) -> Vec<Document> {
+    let mut out = Vec::new();
+    for n in 0..10 {
+        out.push(doc(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}")},
+            "status": {"addresses": [{"type": "InternalIP", "address": format!("172.18.0.{}", n + 1)}]}})));
+    }
+    for ns in 0..NAMESPACES {
+        let name = format!("ns-{ns}");
+        out.push(doc(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name,
+            "labels": {"kubernetes.io/metadata.name": name, "tier": format!("t{}", ns % 5)}}})));
+        for p in 0..PODS_PER_NS {
+            out.push(doc(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("pod-{p}"), "namespace": name,
+                    "labels": {"app": format!("app-{}", p % 5), "role": format!("r{}", p % 3)}},
+                "spec": {"nodeName": format!("node-{}", rng.next(10)),
+                    "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090}]}]},
+                "status": {"podIP": pod_ip(ns, p).to_string()}})));
+        }
+        out.push(doc(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "svc", "namespace": name},
+            "spec": {"clusterIP": format!("10.96.{ns}.1"), "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})));
+        out.push(doc(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "svc-1", "namespace": name, "labels": {"kubernetes.io/service-name": "svc"}},
+            "addressType": "IPv4",
+            "endpoints": (0..3).map(|p| json!({"addresses": [pod_ip(ns, p).to_string()]})).collect::<Vec<_>>(),
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})));
+        for i in 0..POLICIES_PER_NS {
+            let peer = match i % 4 {
+                0 => json!({"podSelector": {"matchLabels": {"app": format!("app-{}", rng.next(5))}}}),
+                1 => json!({"namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["t1", "t2"]}]}}),
+                2 => json!({"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"]}}),
+                _ => json!({"namespaceSelector": {"matchLabels": {"tier": "t3"}}, "podSelector": {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["r0"]}]}}),
+            };
+            let ports = match i % 3 {
+                0 => json!([{"port": 8080}]),
+                1 => json!([{"port": "http"}, {"port": 9000, "endPort": 9100}]),
+                _ => json!([{"protocol": "UDP", "port": 53}, {"port": 443}]),
+            };
+            out.push(doc(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("np-{i}"), "namespace": name},
+                "spec": {"podSelector": {"matchLabels": {"app": format!("app-{}", i % 5)}},
+                    "policyTypes": ["Ingress", "Egress"],
+                    "ingress": [{"from": [peer.clone()], "ports": ports.clone()}],
+                    "egress": [{"to": [peer], "ports": ports}]}})));
+        }
+    }
+    out
+}
+
+fn flows(rng: &mut Lcg) -> FlowFile {
+    let ep = |ip: IpAddr, port: Option<u16>| Endpoint { ip, port, names: Vec::new() };
+    let ports = [80u16, 443, 8080, 9050, 53, 5432];
+    let flows = (0..FLOWS)
+        .map(|i| {
+            let src_pod = IpAddr::V4(pod_ip(rng.next(NAMESPACES), rng.next(PODS_PER_NS)));
+            let (src, dst, direction) = match i % 10 {
+                0..=4 => (src_pod, IpAddr::V4(pod_ip(rng.next(NAMESPACES), rng.next(PODS_PER_NS))), Direction::Egress),
+                5 | 6 => (src_pod, IpAddr::V4(Ipv4Addr::new(10, 96, rng.next(NAMESPACES) as u8, 1)), Direction::Egress),
+                7 | 8 => (src_pod, IpAddr::V4(Ipv4Addr::new(198, 51, 100, rng.next(256) as u8)), Direction::Egress),
+                _ => (IpAddr::V4(Ipv4Addr::new(172, 18, 0, rng.next(10) as u8 + 1)), src_pod, Direction::Ingress),
+            };
+            let port = if i % 10 >= 5 && i % 10 <= 6 { 80 } else { ports[rng.next(ports.len())] };
+            let protocol = if port == 53 { Protocol::Udp } else { Protocol::Tcp };
+            Flow {
+                protocol,
+                src: ep(src, None),
+                dst: ep(dst, Some(port)),
+                direction: Some(direction),
+                packets: 1,
+                bytes: 100,
+                packets_from_src: 1,
+                bytes_from_src: 100,
+                packets_from_dst: 0,
+                bytes_from_dst: 0,
+                connections: 1,
+                first_seen: None,
+                last_seen: None,
+                cgroup: None,
+                internal: false,
+            }
+        })
+        .collect();
+    FlowFile { version: 1, window: None, sources: Vec::new(), losses: Losses::default(), flows }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let mut rng = Lcg(42);
+    let docs = cluster(&mut rng);
+    let t = Instant::now();
+    let mut inv = Inventory::default();
+    let rest = inv.add_documents(docs)?;
+    inv.index();
+    let (policies, _) = policy::from_documents(rest)?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let flows = flows(&mut rng);
+    let values = Values::defaults();
+    let release = Release { name: "stageset-controller".into(), namespace: "default".into() };
+    let matrix = Matrix::default_matrix();
+    let run = |policies: &[policy::Policy]| -> Result<(f64, usize)> {
+        let check = Check { inventory: &inv, policies, values: &values, values_given: false, release: &release, matrix: &matrix };
+        let t = Instant::now();
+        let report = check.run(&flows)?;
+        Ok((t.elapsed().as_secs_f64(), report.summary.cut))
+    };
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let mut cut = 0;
+    for _ in 0..ROUNDS {
+        let (s, c) = run(&[])?;
+        without.push(s);
+        let (s, c2) = run(&policies)?;
+        with.push(s);
+        assert_eq!(c, 0, "no policy cuts nothing");
+        cut = c2;
+    }
+    let (w, wo) = (median(with), median(without));
+    println!("netaudit bench check — {} CPUs, median of {ROUNDS} rounds", std::thread::available_parallelism()?.get());
+    println!();
+    println!("  cluster: {} pods, {} namespaces, 100 Services, 10 nodes; {} policies (built in {load_ms:.0} ms)", inv.pods.len(), NAMESPACES, policies.len());
+    println!("  flows:   {FLOWS} (50% pod→pod, 20% pod→ClusterIP, 20% pod→external, 10% node→pod)");
+    println!();
+    println!("  check, no policies (baseline)   {:>8.0} ms   {:>10.0} flows/s", wo * 1e3, FLOWS as f64 / wo);
+    println!("  check, {} policies            {:>8.0} ms   {:>10.0} flows/s   ({cut} cut)", policies.len(), w * 1e3, FLOWS as f64 / w);
+    println!("  cost of the policies            {:>8.0} ms   ({:.2} µs per flow)", (w - wo) * 1e3, (w - wo) / FLOWS as f64 * 1e6);
+    Ok(())
+}
