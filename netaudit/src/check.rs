@@ -148,10 +148,10 @@ impl Check<'_> {
         let mut used = BTreeSet::new();
         for (index, f) in flows.flows.iter().enumerate() {
             let v = self.flow(index, f, &ev, &synthesized, engine)?;
-            if let Some(r) = &v.matrix.row {
-                if !v.matrix.unexpected {
-                    used.insert(r.clone());
-                }
+            if let Some(r) = &v.matrix.row
+                && !v.matrix.unexpected
+            {
+                used.insert(r.clone());
             }
             verdicts.push(v);
         }
@@ -185,7 +185,14 @@ impl Check<'_> {
             Some(Direction::Ingress) => Side::Ingress,
             // Hand-written flows: the workload is the initiator unless it is the known server.
             None => match self.inventory.pod_by_ip(f.dst.ip) {
-                Some(p) if self.values_given && self.values.selector_labels(self.release).iter().all(|(k, v)| p.labels.get(k) == Some(v)) => {
+                Some(p)
+                    if self.values_given
+                        && self
+                            .values
+                            .selector_labels(self.release)
+                            .iter()
+                            .all(|(k, v)| p.labels.get(k) == Some(v)) =>
+                {
                     Side::Ingress
                 }
                 _ => Side::Egress,
@@ -193,7 +200,14 @@ impl Check<'_> {
         }
     }
 
-    fn flow(&self, index: usize, f: &Flow, ev: &Evaluator<'_>, synth: &[PodInfo], engine: Option<Engine>) -> anyhow::Result<FlowVerdict> {
+    fn flow(
+        &self,
+        index: usize,
+        f: &Flow,
+        ev: &Evaluator<'_>,
+        synth: &[PodInfo],
+        engine: Option<Engine>,
+    ) -> anyhow::Result<FlowVerdict> {
         let inv = self.inventory;
         let direction = self.direction(f);
         let owner = |ip: IpAddr| match inv.owner(ip) {
@@ -243,7 +257,9 @@ impl Check<'_> {
                 out.service = Some(ServiceView {
                     service: svc.id(),
                     port: f.dst.port.unwrap_or(0),
-                    note: format!("{why}: judged against the ClusterIP itself, which policy engines do not match reliably"),
+                    note: format!(
+                        "{why}: judged against the ClusterIP itself, which policy engines do not match reliably"
+                    ),
                 });
                 self.judge_single(&mut out, ev, &Conn { protocol: f.protocol, src, dst, port: f.dst.port }, engine);
             } else {
@@ -273,7 +289,12 @@ impl Check<'_> {
                             }
                         }
                     }
-                    out.backends.push(BackendVerdict { ip: b.ip, port: b.port, identity: view(&bend, None, None).identity, verdict: v });
+                    out.backends.push(BackendVerdict {
+                        ip: b.ip,
+                        port: b.port,
+                        identity: view(&bend, None, None).identity,
+                        verdict: v,
+                    });
                 }
                 out.allowed = cut_reasons.is_empty();
                 if out.allowed {
@@ -344,7 +365,16 @@ fn workload_ip(f: &Flow, direction: Side) -> IpAddr {
 
 /// What to change so the cut end admits the flow, in the engine's terms where we know it.
 #[allow(clippy::too_many_arguments)]
-fn fix(engine: Option<Engine>, direction: Side, s: &SideVerdict, src: &Endpoint<'_>, dst: &Endpoint<'_>, proto: Protocol, port: Option<u16>, c: &Check<'_>) -> String {
+fn fix(
+    engine: Option<Engine>,
+    direction: Side,
+    s: &SideVerdict,
+    src: &Endpoint<'_>,
+    dst: &Endpoint<'_>,
+    proto: Protocol,
+    port: Option<u16>,
+    c: &Check<'_>,
+) -> String {
     let port_s = port.map(|p| format!(" port {p}")).unwrap_or_default();
     let peer = match s.side {
         Side::Egress => dst,
@@ -353,7 +383,12 @@ fn fix(engine: Option<Engine>, direction: Side, s: &SideVerdict, src: &Endpoint<
     if let Some(p) = &s.policy
         && s.tier != "namespaced"
     {
-        return format!("{} {} decides this ({} tier): change that rule, or ask its owner", p, s.rule.as_deref().unwrap_or(""), s.tier);
+        return format!(
+            "{} {} decides this ({} tier): change that rule, or ask its owner",
+            p,
+            s.rule.as_deref().unwrap_or(""),
+            s.tier
+        );
     }
     // The workload opened the connection but the server's own ingress policy cut it.
     if s.side == Side::Ingress && direction == Side::Egress {
@@ -380,13 +415,18 @@ fn fix(engine: Option<Engine>, direction: Side, s: &SideVerdict, src: &Endpoint<
             format!("toFQDNs: [{{matchName: {}}}] (with a DNS rule for visibility), or toCIDR: [{host}]", peer.names[0])
         }
         (Some(Engine::Cilium), Owner::External) => format!("toCIDR: [{host}]"),
-        (Some(Engine::Calico), Owner::Pod(p)) => format!("destination: {{namespaceSelector: \"kubernetes.io/metadata.name == '{}'\"}}", p.namespace),
+        (Some(Engine::Calico), Owner::Pod(p)) => {
+            format!("destination: {{namespaceSelector: \"kubernetes.io/metadata.name == '{}'\"}}", p.namespace)
+        }
         (Some(Engine::Calico), _) => format!("destination: {{nets: [{host}]}}"),
         (Some(Engine::ClusterNetworkPolicy), Owner::Pod(p)) => {
             format!("to: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}}}]", p.namespace)
         }
         (Some(Engine::ClusterNetworkPolicy), _) => format!("to: [{{networks: [{host}]}}]"),
-        (_, Owner::Pod(p)) => format!("namespaceSelector kubernetes.io/metadata.name={} (plus a podSelector on its stable labels)", p.namespace),
+        (_, Owner::Pod(p)) => format!(
+            "namespaceSelector kubernetes.io/metadata.name={} (plus a podSelector on its stable labels)",
+            p.namespace
+        ),
         (_, _) => format!("ipBlock {{cidr: {host}}}"),
     };
     let where_ = match (engine, s.side) {

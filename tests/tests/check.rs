@@ -65,7 +65,13 @@ fn check_values(values: &str, inventory: Option<&str>) -> (Option<i32>, Value, S
 }
 
 fn cut(report: &Value) -> BTreeSet<u64> {
-    report["verdicts"].as_array().unwrap().iter().filter(|v| v["allowed"] == false).map(|v| v["index"].as_u64().unwrap()).collect()
+    report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["allowed"] == false)
+        .map(|v| v["index"].as_u64().unwrap())
+        .collect()
 }
 
 fn lint_codes(report: &Value) -> BTreeSet<String> {
@@ -103,7 +109,10 @@ networkPolicy:
     assert_eq!(api["matrix"]["row"], "apiserver");
     assert!(api["service"]["note"].as_str().unwrap().contains("172.18.0.2:6443"), "{api:#}");
     assert!(api["reason"].as_str().unwrap().contains("isolated for egress"), "{api:#}");
-    assert!(api["fix"].as_str().unwrap().contains("172.18.0.2/32") && api["fix"].as_str().unwrap().contains("6443"), "{api:#}");
+    assert!(
+        api["fix"].as_str().unwrap().contains("172.18.0.2/32") && api["fix"].as_str().unwrap().contains("6443"),
+        "{api:#}"
+    );
     // Named ports in the chart's ingress rules resolve on the controller pod; the kubelet's probe
     // comes from the pod's own node.
     for i in [5, 6, 7, 8] {
@@ -217,7 +226,11 @@ networkPolicy:
 fn lint_command_reports_the_charts_known_defects() {
     let dir = tempfile::tempdir().unwrap();
     let v = dir.path().join("values.yaml");
-    std::fs::write(&v, "networkPolicy: {enabled: true, engine: cilium, defaultDeny: {enabled: true}, egress: {enabled: true}}\n").unwrap();
+    std::fs::write(
+        &v,
+        "networkPolicy: {enabled: true, engine: cilium, defaultDeny: {enabled: true}, egress: {enabled: true}}\n",
+    )
+    .unwrap();
     let r = netaudit(&["lint", "--values", path(&v)]);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(r.stdout.contains("cilium-empty-list-enforces-nothing"), "{}", r.stdout);
@@ -252,7 +265,14 @@ fn minimal_hand_written_flows_and_exit_codes() {
     assert_eq!(verdicts.len(), 2);
     assert_eq!((verdicts[0]["index"].as_u64(), verdicts[0]["allowed"].as_bool()), (Some(0), Some(true)));
     assert_eq!((verdicts[1]["index"].as_u64(), verdicts[1]["allowed"].as_bool()), (Some(1), Some(false)));
-    assert!(verdicts[1]["reason"].as_str().unwrap().contains("isolated for egress by NetworkPolicy default/stageset-controller"), "{:#}", verdicts[1]);
+    assert!(
+        verdicts[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("isolated for egress by NetworkPolicy default/stageset-controller"),
+        "{:#}",
+        verdicts[1]
+    );
     // Table output lists cut flows first.
     let r = netaudit(&["check", "--flows", path(&flows), "--values", path(&v)]);
     let first = r.stdout.lines().find(|l| l.starts_with("CUT ") || l.starts_with("ok ")).unwrap();
@@ -275,19 +295,38 @@ fn bad_input_exits_2_with_file_object_and_field_and_nothing_on_stdout() {
     );
     let bad_yaml = write("broken.yaml", "networkPolicy:\n  enabled: [true\n");
     let bad_engine = write("engine.yaml", "networkPolicy: {enabled: true, engine: istio}\n");
-    let bad_flows = write("flows.json", r#"{"version": 1, "flows": [{"protocol": "TCP", "src": {"ip": "10.0.0.1"}, "dst": {"ip": "10.0.0.2", "port": 99999}}]}"#);
-    let bad_port = write("port.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 0}]}\n");
-    let bad_matrix = write("matrix.yaml", "workload: x\nrows: [{id: a, direction: egress, peer: {kind: everywhere}}]\n");
+    let bad_flows = write(
+        "flows.json",
+        r#"{"version": 1, "flows": [{"protocol": "TCP", "src": {"ip": "10.0.0.1"}, "dst": {"ip": "10.0.0.2", "port": 99999}}]}"#,
+    );
+    let bad_port = write(
+        "port.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: 0}]}\n",
+    );
+    let bad_matrix =
+        write("matrix.yaml", "workload: x\nrows: [{id: a, direction: egress, peer: {kind: everywhere}}]\n");
     let f = path(&flows);
     for (args, want) in [
-        (vec!["check", "--flows", f, "--policy", path(&bad_policy)], vec!["policy.yaml", "NetworkPolicy a/p", "spec.egress[0].to[0].ipBlock.cidr", "10.0.0.0/40"]),
+        (
+            vec!["check", "--flows", f, "--policy", path(&bad_policy)],
+            vec!["policy.yaml", "NetworkPolicy a/p", "spec.egress[0].to[0].ipBlock.cidr", "10.0.0.0/40"],
+        ),
         (vec!["check", "--flows", f, "--values", path(&bad_yaml)], vec!["broken.yaml", "invalid YAML"]),
-        (vec!["check", "--flows", f, "--values", path(&bad_engine)], vec!["engine.yaml", "networkPolicy.engine", "istio", "kubernetes, cilium, calico, clusterNetworkPolicy"]),
+        (
+            vec!["check", "--flows", f, "--values", path(&bad_engine)],
+            vec!["engine.yaml", "networkPolicy.engine", "istio", "kubernetes, cilium, calico, clusterNetworkPolicy"],
+        ),
         (vec!["check", "--flows", path(&bad_flows)], vec!["flows.json", "flows[0].dst.port"]),
-        (vec!["check", "--flows", f, "--inventory", path(&bad_port)], vec!["port.yaml", "Service a/s", "spec.ports[0].port"]),
+        (
+            vec!["check", "--flows", f, "--inventory", path(&bad_port)],
+            vec!["port.yaml", "Service a/s", "spec.ports[0].port"],
+        ),
         (vec!["check", "--flows", f, "--matrix", path(&bad_matrix)], vec!["matrix.yaml", "rows[0].peer"]),
         (vec!["check", "--flows", "/nonexistent/flows.json"], vec!["/nonexistent/flows.json"]),
-        (vec!["check", "--flows", f, "--inventory", "/nonexistent/inv.yaml"], vec!["/nonexistent/inv.yaml", "cannot read"]),
+        (
+            vec!["check", "--flows", f, "--inventory", "/nonexistent/inv.yaml"],
+            vec!["/nonexistent/inv.yaml", "cannot read"],
+        ),
         (vec!["check", "--flows", f, "--format", "xml"], vec!["xml"]),
     ] {
         let r = netaudit(&args);

@@ -148,7 +148,12 @@ impl Values {
                 self.bool(c)?;
             }
         }
-        for p in ["networkPolicy.enabled", "networkPolicy.defaultDeny.enabled", "networkPolicy.egress.enabled", "networkPolicy.egress.dns"] {
+        for p in [
+            "networkPolicy.enabled",
+            "networkPolicy.defaultDeny.enabled",
+            "networkPolicy.egress.enabled",
+            "networkPolicy.egress.dns",
+        ] {
             self.bool(p)?;
         }
         self.int("networkPolicy.defaultDeny.order")?;
@@ -207,7 +212,11 @@ impl Values {
         let mut ports = Vec::new();
         for (name, cond) in INGRESS_PORTS {
             if cond.map(|c| self.bool(c)).transpose()?.unwrap_or(true) {
-                ports.push(ContainerPort { name: Some(name.into()), port: self.port(&format!("ports.{name}"))?, protocol: Protocol::Tcp });
+                ports.push(ContainerPort {
+                    name: Some(name.into()),
+                    port: self.port(&format!("ports.{name}"))?,
+                    protocol: Protocol::Tcp,
+                });
             }
         }
         Ok(PodInfo {
@@ -275,10 +284,8 @@ impl Values {
                 objects.push(object(engine, &name, Some(ns), spec));
             }
             Engine::Cilium => {
-                let to_ports: Vec<Value> = ports
-                    .iter()
-                    .map(|(_, p)| json!({"ports": [{"port": p.to_string(), "protocol": "TCP"}]}))
-                    .collect();
+                let to_ports: Vec<Value> =
+                    ports.iter().map(|(_, p)| json!({"ports": [{"port": p.to_string(), "protocol": "TCP"}]})).collect();
                 let mut ingress = vec![json!({"toPorts": to_ports})];
                 ingress.extend(passthrough("ingress")?);
                 let mut spec = json!({"endpointSelector": {"matchLabels": labels}, "ingress": ingress});
@@ -321,7 +328,9 @@ impl Values {
                     let mut rules = Vec::new();
                     if dns {
                         for proto in ["UDP", "TCP"] {
-                            rules.push(json!({"action": "Allow", "protocol": proto, "destination": {"ports": [DNS_PORT]}}));
+                            rules.push(
+                                json!({"action": "Allow", "protocol": proto, "destination": {"ports": [DNS_PORT]}}),
+                            );
                         }
                     }
                     rules.extend(passthrough("egress")?);
@@ -387,7 +396,8 @@ impl Values {
                         "ingress": [{"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}],
                     });
                     if egress {
-                        spec["egress"] = json!([{"name": "default-deny", "action": "Deny", "to": [{"namespaces": {}}]}]);
+                        spec["egress"] =
+                            json!([{"name": "default-deny", "action": "Deny", "to": [{"namespaces": {}}]}]);
                     }
                     (spec, None)
                 }

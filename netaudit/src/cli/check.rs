@@ -103,21 +103,32 @@ fn load(s: &Sources) -> Result<Loaded> {
         None => (Values::defaults(), false),
     };
     // The release: flags, else the controller pod the inventory holds.
-    let found = inventory.pods.iter().find(|p| p.labels.get("app.kubernetes.io/name").map(String::as_str) == Some(CHART_NAME));
+    let found =
+        inventory.pods.iter().find(|p| p.labels.get("app.kubernetes.io/name").map(String::as_str) == Some(CHART_NAME));
     let release = Release {
         name: s
             .release
             .clone()
             .or_else(|| found.and_then(|p| p.labels.get("app.kubernetes.io/instance").cloned()))
             .unwrap_or_else(|| CHART_NAME.to_string()),
-        namespace: s.namespace.clone().or_else(|| found.map(|p| p.namespace.clone())).unwrap_or_else(|| "default".into()),
+        namespace: s
+            .namespace
+            .clone()
+            .or_else(|| found.map(|p| p.namespace.clone()))
+            .unwrap_or_else(|| "default".into()),
     };
     if values_given {
         if s.release.is_none() && found.is_none() {
-            notes.push(format!("release name not given and no controller pod in the inventory: using `{}`", release.name));
+            notes.push(format!(
+                "release name not given and no controller pod in the inventory: using `{}`",
+                release.name
+            ));
         }
         if s.namespace.is_none() && found.is_none() {
-            notes.push(format!("release namespace not given and no controller pod in the inventory: using `{}`", release.namespace));
+            notes.push(format!(
+                "release namespace not given and no controller pod in the inventory: using `{}`",
+                release.namespace
+            ));
         }
         let rendered = values.render(&release)?;
         if rendered.is_empty() {
@@ -157,7 +168,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
 pub fn run_lint(args: LintArgs) -> Result<ExitCode> {
     let loaded = load(&args.sources)?;
     if loaded.policies.is_empty() {
-        return Err(BadInput("no policies to lint: give --policy, --values or an --inventory holding policies".into()).into());
+        return Err(
+            BadInput("no policies to lint: give --policy, --values or an --inventory holding policies".into()).into()
+        );
     }
     let findings = policy::lint::lint(&loaded.policies, &loaded.inventory);
     let text = match args.format {

@@ -166,7 +166,12 @@ impl Inventory {
     }
 
     pub fn note_skipped(&mut self, doc: &Document) {
-        self.notes.push(format!("{}: skipped {} ({}): not a kind netaudit reads", doc.origin, doc.describe(), doc.api_version()));
+        self.notes.push(format!(
+            "{}: skipped {} ({}): not a kind netaudit reads",
+            doc.origin,
+            doc.describe(),
+            doc.api_version()
+        ));
     }
 
     fn add_namespace(&mut self, ns: Namespace) {
@@ -195,11 +200,11 @@ impl Inventory {
         for (ci, c) in spec.containers.iter().chain(spec.init_containers.iter().flatten()).enumerate() {
             for (pi, p) in c.ports.iter().flatten().enumerate() {
                 let where_ = || format!("{} ({}): spec.containers[{ci}].ports[{pi}]", doc.origin, doc.describe());
-                let port = u16::try_from(p.container_port)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| bad(format!("{}.containerPort: {} is not a port (1-65535)", where_(), p.container_port)))?;
-                let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| bad(format!("{}.protocol: {e}", where_())))?;
+                let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0).ok_or_else(|| {
+                    bad(format!("{}.containerPort: {} is not a port (1-65535)", where_(), p.container_port))
+                })?;
+                let protocol =
+                    parse_protocol(p.protocol.as_deref()).map_err(|e| bad(format!("{}.protocol: {e}", where_())))?;
                 ports.push(ContainerPort { name: p.name.clone(), port, protocol });
             }
         }
@@ -223,9 +228,9 @@ impl Inventory {
             if ip.is_empty() || ip == "None" {
                 continue;
             }
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| bad(format!("{} ({}): spec.clusterIPs: `{ip}` is not an IP address", doc.origin, doc.describe())))?;
+            let ip: IpAddr = ip.parse().map_err(|_| {
+                bad(format!("{} ({}): spec.clusterIPs: `{ip}` is not an IP address", doc.origin, doc.describe()))
+            })?;
             if !cluster_ips.contains(&ip) {
                 cluster_ips.push(ip);
             }
@@ -257,7 +262,12 @@ impl Inventory {
                 continue;
             }
             let ip: IpAddr = a.address.parse().map_err(|_| {
-                bad(format!("{} ({}): status.addresses[{i}].address: `{}` is not an IP address", doc.origin, doc.describe(), a.address))
+                bad(format!(
+                    "{} ({}): status.addresses[{i}].address: `{}` is not an IP address",
+                    doc.origin,
+                    doc.describe(),
+                    a.address
+                ))
             })?;
             addresses.push(ip);
         }
@@ -272,7 +282,11 @@ impl Inventory {
     fn add_slice(&mut self, doc: &Document, slice: EndpointSlice) -> anyhow::Result<()> {
         let labels = slice.metadata.labels.unwrap_or_default();
         let Some(service) = labels.get("kubernetes.io/service-name") else {
-            self.notes.push(format!("{}: {} has no kubernetes.io/service-name label; not tied to a Service", doc.origin, doc.describe()));
+            self.notes.push(format!(
+                "{}: {} has no kubernetes.io/service-name label; not tied to a Service",
+                doc.origin,
+                doc.describe()
+            ));
             return Ok(());
         };
         let namespace = slice.metadata.namespace.unwrap_or_else(|| "default".into());
@@ -295,7 +309,11 @@ impl Inventory {
             }
             for a in &e.addresses {
                 let ip: IpAddr = a.parse().map_err(|_| {
-                    bad(format!("{} ({}): endpoints[{i}].addresses: `{a}` is not an IP address", doc.origin, doc.describe()))
+                    bad(format!(
+                        "{} ({}): endpoints[{i}].addresses: `{a}` is not an IP address",
+                        doc.origin,
+                        doc.describe()
+                    ))
                 })?;
                 addresses.push(ip);
             }
@@ -490,11 +508,15 @@ items:
     fn bad_fields_name_file_object_and_field() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("inv.yaml");
-        std::fs::write(&p, "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: ns1}\nstatus: {podIP: 10.0.0.300}\n")
-            .unwrap();
+        std::fs::write(
+            &p,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: ns1}\nstatus: {podIP: 10.0.0.300}\n",
+        )
+        .unwrap();
         let msg = format!("{:#}", Inventory::load(&p).unwrap_err());
         assert!(msg.contains("inv.yaml") && msg.contains("Pod ns1/x") && msg.contains("status.podIPs"), "{msg}");
-        std::fs::write(&p, "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: ns1}\nspec: {containers: 3}\n").unwrap();
+        std::fs::write(&p, "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: ns1}\nspec: {containers: 3}\n")
+            .unwrap();
         let msg = format!("{:#}", Inventory::load(&p).unwrap_err());
         assert!(msg.contains("Pod ns1/x") && msg.contains("spec.containers"), "{msg}");
     }

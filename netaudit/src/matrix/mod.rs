@@ -89,7 +89,9 @@ pub enum PeerKind {
     /// Not a pod or node of the cluster.
     External,
     /// The host named by a chart value (`host`, `host:port` or a URL).
-    Host { value: String },
+    Host {
+        value: String,
+    },
 }
 
 /// One observed flow, from the audited workload's side.
@@ -172,7 +174,10 @@ impl Matrix {
     pub fn classify(&self, o: &Observation<'_>, inv: &Inventory, values: &Values) -> anyhow::Result<Classification> {
         let mut fits = Vec::new();
         for r in &self.rows {
-            if r.direction == o.direction && self.ports_fit(r, o, values)? && peer_fits(&r.peer, !r.ports.is_empty(), o, inv, values)? {
+            if r.direction == o.direction
+                && self.ports_fit(r, o, values)?
+                && peer_fits(&r.peer, !r.ports.is_empty(), o, inv, values)?
+            {
                 fits.push(r);
             }
         }
@@ -190,7 +195,12 @@ impl Matrix {
             also: fits[1..].iter().map(|r| r.id.clone()).collect(),
             unexpected: !enabled,
             why: (!enabled).then(|| {
-                format!("row `{}` is off in {} (`{}`): this traffic should not happen", first.id, values.origin, first.when.as_deref().unwrap_or(""))
+                format!(
+                    "row `{}` is off in {} (`{}`): this traffic should not happen",
+                    first.id,
+                    values.origin,
+                    first.when.as_deref().unwrap_or("")
+                )
             }),
         })
     }
@@ -226,7 +236,8 @@ impl Matrix {
             let advice = if r.required {
                 "required: keep it even though the window saw no such flow".to_string()
             } else {
-                "no flow in this window: a candidate to trim from the allowlist (check a longer window first)".to_string()
+                "no flow in this window: a candidate to trim from the allowlist (check a longer window first)"
+                    .to_string()
             };
             out.push(UnusedRow { id: r.id.clone(), description: r.description.clone(), required: r.required, advice });
         }
@@ -235,7 +246,13 @@ impl Matrix {
 }
 
 /// `has_ports`: the row names ports, so a host row whose value is unset can still be told by them.
-fn peer_fits(kind: &PeerKind, has_ports: bool, o: &Observation<'_>, inv: &Inventory, values: &Values) -> anyhow::Result<bool> {
+fn peer_fits(
+    kind: &PeerKind,
+    has_ports: bool,
+    o: &Observation<'_>,
+    inv: &Inventory,
+    values: &Values,
+) -> anyhow::Result<bool> {
     let ends: Vec<&Endpoint<'_>> = if o.backends.is_empty() { vec![&o.peer] } else { o.backends.iter().collect() };
     let unknown = matches!(o.peer.owner, Owner::External) && o.service.is_none();
     Ok(match kind {
@@ -243,7 +260,8 @@ fn peer_fits(kind: &PeerKind, has_ports: bool, o: &Observation<'_>, inv: &Invent
         PeerKind::Node => ends.iter().any(|e| matches!(e.owner, Owner::Node(_))) || (unknown && inv.nodes.is_empty()),
         PeerKind::Apiserver => {
             inv.is_apiserver(o.peer.ip)
-                || o.service.is_some_and(|s| (s.namespace.as_str(), s.name.as_str()) == crate::inventory::APISERVER_SERVICE)
+                || o.service
+                    .is_some_and(|s| (s.namespace.as_str(), s.name.as_str()) == crate::inventory::APISERVER_SERVICE)
         }
         PeerKind::Dns => {
             o.peer.ip == NODE_LOCAL_DNS.parse::<IpAddr>().unwrap()

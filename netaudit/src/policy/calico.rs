@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{
     Action, Engine, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Selector, Subject, Tier, field_error,
-    parse_cidr, selector::CalicoExpr,
+    parse_cidr_or_ip, selector::CalicoExpr,
 };
 use crate::{input::Document, model::Protocol};
 
@@ -70,7 +70,8 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
     let obj: Object = doc.parse()?;
     let err = |m: String| field_error(doc, m);
     let global = doc.kind() == "GlobalNetworkPolicy";
-    let namespace = if global { None } else { Some(obj.metadata.namespace.clone().unwrap_or_else(|| "default".into())) };
+    let namespace =
+        if global { None } else { Some(obj.metadata.namespace.clone().unwrap_or_else(|| "default".into())) };
     let spec = obj.spec;
     if let Some(t) = spec.tier.as_deref().filter(|t| *t != "default") {
         tracing::warn!("{}: {}: tier `{t}` is evaluated as the default tier", doc.origin, doc.describe());
@@ -168,7 +169,8 @@ fn rule(r: &CalicoRule, namespace: Option<&str>, at: &str, ingress: bool) -> Res
     {
         ports.push(PortSel { protocol: Some(p), port: PortSpec::Any });
     }
-    let mut not_ports = ports_list(r.destination.not_ports.as_deref(), protocol, &format!("{at}.destination.notPorts"))?;
+    let mut not_ports =
+        ports_list(r.destination.not_ports.as_deref(), protocol, &format!("{at}.destination.notPorts"))?;
     if let Some(np) = &r.not_protocol {
         not_ports.push(PortSel { protocol: Some(protocol_of(np, &format!("{at}.notProtocol"))?), port: PortSpec::Any });
     }
@@ -181,13 +183,17 @@ fn entity(e: &EntityRule, namespace: Option<&str>, at: &str) -> Result<PeerSel, 
     if !nets.is_empty() {
         let mut any = Vec::new();
         for (i, n) in nets.iter().enumerate() {
-            any.push(PeerSel::Ip { net: calico_net(n, &format!("{at}.nets[{i}]"))?, except: Vec::new(), world_only: false });
+            any.push(PeerSel::Ip {
+                net: parse_cidr_or_ip(n, &format!("{at}.nets[{i}]"))?,
+                except: Vec::new(),
+                world_only: false,
+            });
         }
         all.push(PeerSel::AnyOf(any));
     }
     for (i, n) in e.not_nets.iter().flatten().enumerate() {
         all.push(PeerSel::Not(Box::new(PeerSel::Ip {
-            net: calico_net(n, &format!("{at}.notNets[{i}]"))?,
+            net: parse_cidr_or_ip(n, &format!("{at}.notNets[{i}]"))?,
             except: Vec::new(),
             world_only: false,
         })));
@@ -205,7 +211,9 @@ fn entity(e: &EntityRule, namespace: Option<&str>, at: &str) -> Result<PeerSel, 
         all.push(PeerSel::Not(Box::new(PeerSel::Pods { ns, pods })));
     }
     if e.service_accounts.is_some() || e.services.is_some() {
-        tracing::warn!("{at}: serviceAccounts/services matches are not evaluated by netaudit; the rule matches nothing");
+        tracing::warn!(
+            "{at}: serviceAccounts/services matches are not evaluated by netaudit; the rule matches nothing"
+        );
         all.push(PeerSel::Nothing);
     }
     Ok(match all.len() {
@@ -213,13 +221,6 @@ fn entity(e: &EntityRule, namespace: Option<&str>, at: &str) -> Result<PeerSel, 
         1 => all.pop().unwrap(),
         _ => PeerSel::All(all),
     })
-}
-
-fn calico_net(s: &str, at: &str) -> Result<ipnet::IpNet, String> {
-    match s.parse::<std::net::IpAddr>() {
-        Ok(ip) => Ok(ipnet::IpNet::from(ip)),
-        Err(_) => parse_cidr(s, at),
-    }
 }
 
 fn protocol_of(p: &Value, at: &str) -> Result<Protocol, String> {
@@ -259,10 +260,16 @@ fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> R
         let text = match p {
             Value::Number(n) => n.to_string(),
             Value::String(s) => s.clone(),
-            other => return Err(format!("{at}: expected a port, range or name, found {}", crate::input::type_name(other))),
+            other => {
+                return Err(format!("{at}: expected a port, range or name, found {}", crate::input::type_name(other)));
+            }
         };
         let num = |s: &str| {
-            s.trim().parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{at}: `{s}` is not a port (1-65535)"))
+            s.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{at}: `{s}` is not a port (1-65535)"))
         };
         let port = match text.split_once(':') {
             Some((lo, hi)) => {

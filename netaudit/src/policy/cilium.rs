@@ -18,8 +18,9 @@ use serde_json::Value;
 
 use super::{
     Action, Engine, LabelSelector, NETWORK_POLICY_ORDER, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule,
-    Selector, Subject, Tier, field_error, parse_cidr,
+    Selector, Subject, Tier, field_error,
     lint::{Finding, Severity},
+    parse_cidr_or_ip,
     selector::{Op, Requirement},
 };
 use crate::{input::Document, inventory::NAMESPACE_NAME_LABEL, model::Protocol};
@@ -110,7 +111,8 @@ struct PortProtocol {
 pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
     let obj: Object = doc.parse()?;
     let clusterwide = doc.kind() == "CiliumClusterwideNetworkPolicy";
-    let namespace = if clusterwide { None } else { Some(obj.metadata.namespace.clone().unwrap_or_else(|| "default".into())) };
+    let namespace =
+        if clusterwide { None } else { Some(obj.metadata.namespace.clone().unwrap_or_else(|| "default".into())) };
     let name = obj.metadata.name.clone().unwrap_or_default();
     let specs: Vec<(String, CiliumRule)> = match (obj.spec, obj.specs) {
         (Some(s), None) => vec![("spec".into(), s)],
@@ -135,7 +137,8 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
             }
             return Err(err(format!("{at}: needs endpointSelector or nodeSelector")));
         };
-        let (ns, pods) = endpoint_selector(sel, namespace.as_deref(), &format!("{at}.endpointSelector")).map_err(err)?;
+        let (ns, pods) =
+            endpoint_selector(sel, namespace.as_deref(), &format!("{at}.endpointSelector")).map_err(err)?;
         let subject = Subject { ns, pods };
         let dd = rule.enable_default_deny.unwrap_or_default();
         let rules = |list: &Option<Vec<PeerRule>>, dir: &str, action| -> anyhow::Result<Vec<Rule>> {
@@ -159,7 +162,10 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
             ("ingress", &rule.ingress, &rule.ingress_deny, dd.ingress),
             ("egress", &rule.egress, &rule.egress_deny, dd.egress),
         ] {
-            if list.as_ref().is_some_and(|l| l.is_empty()) && deny.as_ref().is_none_or(|d| d.is_empty()) && explicit.is_none() {
+            if list.as_ref().is_some_and(|l| l.is_empty())
+                && deny.as_ref().is_none_or(|d| d.is_empty())
+                && explicit.is_none()
+            {
                 findings.push(Finding {
                     severity: Severity::Error,
                     code: "cilium-empty-list-enforces-nothing",
@@ -168,7 +174,9 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
                         "`{dir}: []` has no rules, and Cilium only enforces default deny for directions with rules: \
                          this does not deny any {dir}"
                     ),
-                    fix: format!("write `{dir}: [{{}}]` (a rule that matches nothing) or `enableDefaultDeny: {{{dir}: true}}`"),
+                    fix: format!(
+                        "write `{dir}: [{{}}]` (a rule that matches nothing) or `enableDefaultDeny: {{{dir}: true}}`"
+                    ),
                 });
             }
         }
@@ -187,7 +195,12 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
         }
         let some_if = |rules: Vec<Rule>, enforced: bool| (enforced || !rules.is_empty()).then_some(rules);
         if ingress_enforced == egress_enforced {
-            out.push(part(some_if(ingress, ingress_enforced), some_if(egress, egress_enforced), NETWORK_POLICY_ORDER, ingress_enforced));
+            out.push(part(
+                some_if(ingress, ingress_enforced),
+                some_if(egress, egress_enforced),
+                NETWORK_POLICY_ORDER,
+                ingress_enforced,
+            ));
         } else {
             out.push(part(some_if(ingress, ingress_enforced), None, NETWORK_POLICY_ORDER, ingress_enforced));
             out.push(part(None, some_if(egress, egress_enforced), NETWORK_POLICY_ORDER, egress_enforced));
@@ -216,7 +229,11 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
         });
     }
     for (i, c) in r.cidr.iter().flatten().enumerate() {
-        peers.push(PeerSel::Ip { net: cilium_cidr(c, &format!("{at}.{dir}CIDR[{i}]"))?, except: Vec::new(), world_only: true });
+        peers.push(PeerSel::Ip {
+            net: parse_cidr_or_ip(c, &format!("{at}.{dir}CIDR[{i}]"))?,
+            except: Vec::new(),
+            world_only: true,
+        });
     }
     for (i, c) in r.cidr_set.iter().flatten().enumerate() {
         let at = format!("{at}.{dir}CIDRSet[{i}]");
@@ -227,9 +244,13 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
             }
             return Err(format!("{at}: needs cidr"));
         };
-        let net = cilium_cidr(cidr, &format!("{at}.cidr"))?;
-        let except =
-            c.except.iter().enumerate().map(|(j, e)| cilium_cidr(e, &format!("{at}.except[{j}]"))).collect::<Result<_, _>>()?;
+        let net = parse_cidr_or_ip(cidr, &format!("{at}.cidr"))?;
+        let except = c
+            .except
+            .iter()
+            .enumerate()
+            .map(|(j, e)| parse_cidr_or_ip(e, &format!("{at}.except[{j}]")))
+            .collect::<Result<_, _>>()?;
         peers.push(PeerSel::Ip { net, except, world_only: true });
     }
     for (i, e) in r.entities.iter().flatten().enumerate() {
@@ -280,14 +301,6 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
     Ok(Rule { label: at.to_string(), action, peer, ports, not_ports: Vec::new(), local: None })
 }
 
-fn cilium_cidr(s: &str, at: &str) -> Result<ipnet::IpNet, String> {
-    // Cilium accepts a bare address as a host route.
-    match s.parse::<std::net::IpAddr>() {
-        Ok(ip) => Ok(ipnet::IpNet::from(ip)),
-        Err(_) => parse_cidr(s, at),
-    }
-}
-
 fn port(p: &PortProtocol, at: &str) -> Result<PortSel, String> {
     let protocol = match p.protocol.as_deref().unwrap_or("ANY") {
         "ANY" => None,
@@ -300,7 +313,9 @@ fn port(p: &PortProtocol, at: &str) -> Result<PortSel, String> {
         None => return Ok(PortSel { protocol, port: PortSpec::Any }),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        Some(other) => return Err(format!("{at}.port: expected a port number or name, found {}", crate::input::type_name(other))),
+        Some(other) => {
+            return Err(format!("{at}.port: expected a port number or name, found {}", crate::input::type_name(other)));
+        }
     };
     let port = match text.parse::<i64>() {
         Ok(0) => PortSpec::Any,

@@ -110,7 +110,9 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         other => return Err(err(format!("spec.tier: `{other}` is not Admin or Baseline"))),
     };
     let subject = match (&spec.subject.namespaces, &spec.subject.pods) {
-        (Some(ns), None) => Subject { ns: ns_sel(ns, "spec.subject.namespaces").map_err(err)?, pods: Selector::everything() },
+        (Some(ns), None) => {
+            Subject { ns: ns_sel(ns, "spec.subject.namespaces").map_err(err)?, pods: Selector::everything() }
+        }
         (None, Some(p)) => Subject {
             ns: ns_sel(&p.namespace_selector, "spec.subject.pods.namespaceSelector").map_err(err)?,
             pods: label(&p.pod_selector, "spec.subject.pods.podSelector").map_err(err)?,
@@ -164,10 +166,16 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
     let mut peers = Vec::new();
     for (i, p) in r.to.iter().enumerate() {
         let at = format!("{peers_at}[{i}]");
-        let set = [p.namespaces.is_some(), p.pods.is_some(), p.nodes.is_some(), p.networks.is_some(), p.domain_names.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let set = [
+            p.namespaces.is_some(),
+            p.pods.is_some(),
+            p.nodes.is_some(),
+            p.networks.is_some(),
+            p.domain_names.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if set > 1 {
             return Err(format!("{at}: a peer sets exactly one of namespaces, pods, nodes, networks, domainNames"));
         }
@@ -186,7 +194,11 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
         } else if let Some(nets) = &p.networks {
             let mut any = Vec::new();
             for (j, n) in nets.iter().enumerate() {
-                any.push(PeerSel::Ip { net: parse_cidr(n, &format!("{at}.networks[{j}]"))?, except: Vec::new(), world_only: false });
+                any.push(PeerSel::Ip {
+                    net: parse_cidr(n, &format!("{at}.networks[{j}]"))?,
+                    except: Vec::new(),
+                    world_only: false,
+                });
             }
             PeerSel::AnyOf(any)
         } else if let Some(names) = &p.domain_names {
@@ -194,7 +206,9 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
                 return Err(format!("{at}.domainNames: only Accept rules may use domainNames"));
             }
             // `*.example.com` matches one or more labels.
-            PeerSel::Fqdn(names.iter().map(|n| n.strip_prefix("*.").map(|s| format!("**.{s}")).unwrap_or(n.clone())).collect())
+            PeerSel::Fqdn(
+                names.iter().map(|n| n.strip_prefix("*.").map(|s| format!("**.{s}")).unwrap_or(n.clone())).collect(),
+            )
         } else if action == Action::Allow {
             PeerSel::Nothing
         } else {
@@ -218,7 +232,8 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
             let port = match &v.destination_port {
                 None => PortSpec::Any,
                 Some(PortSpecJson { number: Some(n), range: None }) => {
-                    let n = super::netpol::port_number(*n).ok_or_else(|| format!("{at}.destinationPort.number: {n} is not a port (1-65535)"))?;
+                    let n = super::netpol::port_number(*n)
+                        .ok_or_else(|| format!("{at}.destinationPort.number: {n} is not a port (1-65535)"))?;
                     PortSpec::Range(n, n)
                 }
                 Some(PortSpecJson { number: None, range: Some(r) }) => {
@@ -226,7 +241,12 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
                     let hi = super::netpol::port_number(r.end);
                     match (lo, hi) {
                         (Some(lo), Some(hi)) if lo < hi => PortSpec::Range(lo, hi),
-                        _ => return Err(format!("{at}.destinationPort.range: {}-{} must be ports with start < end", r.start, r.end)),
+                        _ => {
+                            return Err(format!(
+                                "{at}.destinationPort.range: {}-{} must be ports with start < end",
+                                r.start, r.end
+                            ));
+                        }
                     }
                 }
                 _ => return Err(format!("{at}.destinationPort: sets exactly one of number, range")),

@@ -15,12 +15,7 @@
 //! Traffic from the pod's own node is always admitted (kubelet probes): NetworkPolicy cannot block
 //! it, and Cilium allows host→endpoint by default.
 
-use std::{
-    cell::RefCell,
-    collections::HashMap,
-    net::IpAddr,
-    rc::Rc,
-};
+use std::{cell::RefCell, collections::HashMap, net::IpAddr, rc::Rc};
 
 use serde::Serialize;
 
@@ -80,13 +75,16 @@ pub struct ConnVerdict {
     pub sides: Vec<SideVerdict>,
 }
 
+/// (pod address, side) → indexes of the namespaced policies selecting it.
+type SelectingCache = HashMap<(usize, Side), Rc<Vec<usize>>>;
+
 pub struct Evaluator<'a> {
     inv: &'a Inventory,
     admin: Vec<&'a Policy>,
     namespaced: Vec<&'a Policy>,
     baseline: Vec<&'a Policy>,
     /// Namespaced policies selecting a pod, per (pod, side): most flows share their pods.
-    selecting: RefCell<HashMap<(usize, Side), Rc<Vec<usize>>>>,
+    selecting: RefCell<SelectingCache>,
 }
 
 impl<'a> Evaluator<'a> {
@@ -105,7 +103,8 @@ impl<'a> Evaluator<'a> {
             Tier::Admin(n) | Tier::Baseline(n) => n as f64,
             Tier::Namespaced(o) => o,
         };
-        let by_precedence = |a: &&Policy, b: &&Policy| key(a).total_cmp(&key(b)).then_with(|| a.id.name.cmp(&b.id.name));
+        let by_precedence =
+            |a: &&Policy, b: &&Policy| key(a).total_cmp(&key(b)).then_with(|| a.id.name.cmp(&b.id.name));
         admin.sort_by(by_precedence);
         namespaced.sort_by(by_precedence);
         baseline.sort_by(by_precedence);
@@ -128,94 +127,60 @@ impl<'a> Evaluator<'a> {
     }
 
     /// Judges one end: `subject` sending (egress) to or receiving (ingress) from `peer`.
-    pub fn side(&self, side: Side, subject: &PodInfo, peer: &Endpoint<'_>, proto: Protocol, port: Option<u16>) -> SideVerdict {
-        let what = || describe_conn(side, peer, proto, port);
-        let verdict = |allowed, tier, policy: Option<&Policy>, rule: Option<&Rule>, reason: String| SideVerdict {
-            side,
-            pod: subject.id(),
-            allowed,
-            tier,
-            policy: policy.map(|p| p.id.clone()),
-            rule: rule.map(|r| r.label.clone()),
-            isolated_by: Vec::new(),
-            reason,
-        };
+    pub fn side(
+        &self,
+        side: Side,
+        subject: &PodInfo,
+        peer: &Endpoint<'_>,
+        proto: Protocol,
+        port: Option<u16>,
+    ) -> SideVerdict {
+        let m = Match { ev: self, side, subject, peer, proto, port };
         if side == Side::Ingress
             && let Owner::Node(n) = peer.owner
             && subject.node_name.as_deref() == Some(n.name.as_str())
         {
-            return verdict(
-                true,
-                "own-node",
-                None,
-                None,
-                format!("{} comes from the pod's own node {}: never blocked by policy (kubelet probes)", what(), n.name),
+            let reason = format!(
+                "{} comes from the pod's own node {}: never blocked by policy (kubelet probes)",
+                m.what(),
+                n.name
             );
+            return m.verdict(true, "own-node", None, reason);
         }
-        let m = Match { ev: self, side, subject, peer, proto, port };
-        for p in &self.admin {
-            if let Some((r, action)) = m.first_rule(p) {
-                match action {
-                    Action::Allow => return verdict(true, "admin", Some(p), Some(r), format!("{} is accepted by {} {}", what(), p.id, r.label)),
-                    Action::Deny => return verdict(false, "admin", Some(p), Some(r), format!("{} is denied by {} {}", what(), p.id, r.label)),
-                    Action::Pass => break,
-                    Action::Log => {}
-                }
-            }
-        }
-        let selecting = self.selecting(subject, side);
-        let mut passed = false;
-        for &i in selecting.iter() {
-            let p = self.namespaced[i];
-            if let Some((r, action)) = m.first_rule(p) {
-                match action {
-                    Action::Allow => return verdict(true, "namespaced", Some(p), Some(r), format!("{} is allowed by {} {}", what(), p.id, r.label)),
-                    Action::Deny => return verdict(false, "namespaced", Some(p), Some(r), format!("{} is denied by {} {}", what(), p.id, r.label)),
-                    Action::Pass => {
-                        passed = true;
-                        break;
-                    }
-                    Action::Log => {}
-                }
-            }
-        }
-        let isolating: Vec<&Policy> = selecting.iter().map(|&i| self.namespaced[i]).filter(|p| p.isolates).collect();
-        if !isolating.is_empty() && !passed {
-            let mut names: Vec<String> = isolating.iter().map(|p| p.id.to_string()).collect();
-            names.dedup();
-            let mut v = verdict(
-                false,
-                "namespaced",
-                None,
-                None,
-                format!(
-                    "{} is isolated for {} by {}, and no rule there allows {}",
-                    subject.id(),
-                    side_name(side),
-                    names.join(", "),
-                    what()
-                ),
-            );
-            v.isolated_by = names;
+        if let Tiered::Decided(v) = m.tier("admin", self.admin.iter().copied()) {
             return v;
         }
-        for p in &self.baseline {
-            if let Some((r, action)) = m.first_rule(p) {
-                match action {
-                    Action::Allow => return verdict(true, "baseline", Some(p), Some(r), format!("{} is accepted by {} {}", what(), p.id, r.label)),
-                    Action::Deny => return verdict(false, "baseline", Some(p), Some(r), format!("{} is denied by {} {}", what(), p.id, r.label)),
-                    Action::Pass => break,
-                    Action::Log => {}
+        let selecting = self.selecting(subject, side);
+        match m.tier("namespaced", selecting.iter().map(|&i| self.namespaced[i])) {
+            Tiered::Decided(v) => return v,
+            Tiered::Passed => {}
+            Tiered::NoMatch => {
+                let mut names: Vec<String> = selecting
+                    .iter()
+                    .map(|&i| self.namespaced[i])
+                    .filter(|p| p.isolates)
+                    .map(|p| p.id.to_string())
+                    .collect();
+                names.dedup();
+                if !names.is_empty() {
+                    let reason = format!(
+                        "{} is isolated for {} by {}, and no rule there allows {}",
+                        subject.id(),
+                        side_name(side),
+                        names.join(", "),
+                        m.what()
+                    );
+                    let mut v = m.verdict(false, "namespaced", None, reason);
+                    v.isolated_by = names;
+                    return v;
                 }
             }
         }
-        verdict(
-            true,
-            "default",
-            None,
-            None,
-            format!("no policy isolates {} for {}: {} is allowed", subject.id(), side_name(side), what()),
-        )
+        if let Tiered::Decided(v) = m.tier("baseline", self.baseline.iter().copied()) {
+            return v;
+        }
+        let reason = format!("no policy isolates {} for {}: {} is allowed", subject.id(), side_name(side), m.what());
+        m.verdict(true, "default", None, reason)
     }
 
     /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
@@ -271,7 +236,50 @@ struct Match<'e, 'a> {
     port: Option<u16>,
 }
 
+/// How a tier ended for one end.
+enum Tiered {
+    Decided(SideVerdict),
+    /// A Pass rule: go on to the next tier.
+    Passed,
+    NoMatch,
+}
+
 impl Match<'_, '_> {
+    /// Walks the policies of one tier in precedence order: the first matching rule's action decides.
+    fn tier<'p>(&self, tier: &'static str, policies: impl Iterator<Item = &'p Policy>) -> Tiered {
+        for p in policies {
+            if let Some((r, action)) = self.first_rule(p) {
+                let verb = match (action, tier) {
+                    (Action::Allow, "namespaced") => "allowed",
+                    (Action::Allow, _) => "accepted",
+                    (Action::Deny, _) => "denied",
+                    (Action::Pass, _) => return Tiered::Passed,
+                    (Action::Log, _) => continue,
+                };
+                let reason = format!("{} is {verb} by {} {}", self.what(), p.id, r.label);
+                return Tiered::Decided(self.verdict(action == Action::Allow, tier, Some((p, r)), reason));
+            }
+        }
+        Tiered::NoMatch
+    }
+
+    fn verdict(&self, allowed: bool, tier: &'static str, by: Option<(&Policy, &Rule)>, reason: String) -> SideVerdict {
+        SideVerdict {
+            side: self.side,
+            pod: self.subject.id(),
+            allowed,
+            tier,
+            policy: by.map(|(p, _)| p.id.clone()),
+            rule: by.map(|(_, r)| r.label.clone()),
+            isolated_by: Vec::new(),
+            reason,
+        }
+    }
+
+    fn what(&self) -> String {
+        describe_conn(self.side, self.peer, self.proto, self.port)
+    }
+
     /// The first rule of `p` (for this side) that matches, if `p` selects the subject.
     fn first_rule<'p>(&self, p: &'p Policy) -> Option<(&'p Rule, Action)> {
         let rules = rules_for(p, self.side)?;
@@ -375,9 +383,7 @@ fn glob(p: &str, n: &str) -> bool {
         None => p == n,
         Some((head, tail)) => {
             let Some(rest) = n.strip_prefix(head) else { return false };
-            (0..=rest.len())
-                .take_while(|&i| !rest[..i].contains('.'))
-                .any(|i| glob(tail, &rest[i..]))
+            (0..=rest.len()).take_while(|&i| !rest[..i].contains('.')).any(|i| glob(tail, &rest[i..]))
         }
     }
 }

@@ -40,8 +40,12 @@ pub fn lint(policies: &[Policy], inv: &Inventory) -> Vec<Finding> {
                 severity: Severity::Error,
                 code: "cnp-priority-range",
                 policy: id.clone(),
-                message: format!("priority {prio} is outside 0-{MAX_PRIORITY}: the API server rejects this ClusterNetworkPolicy"),
-                fix: format!("use a priority between 0 and {MAX_PRIORITY} (for the chart: networkPolicy.defaultDeny.order)"),
+                message: format!(
+                    "priority {prio} is outside 0-{MAX_PRIORITY}: the API server rejects this ClusterNetworkPolicy"
+                ),
+                fix: format!(
+                    "use a priority between 0 and {MAX_PRIORITY} (for the chart: networkPolicy.defaultDeny.order)"
+                ),
             });
         }
         for (side, rules) in [("ingress", &p.ingress), ("egress", &p.egress)] {
@@ -140,7 +144,9 @@ fn pods_only(p: &PeerSel) -> bool {
 
 fn is_dns(r: &Rule) -> bool {
     r.ports.iter().any(|p| match p.port {
-        PortSpec::Range(lo, hi) => (lo..=hi).contains(&DNS_PORT) && p.protocol.is_none_or(|x| x == Protocol::Udp || x == Protocol::Tcp),
+        PortSpec::Range(lo, hi) => {
+            (lo..=hi).contains(&DNS_PORT) && p.protocol.is_none_or(|x| x == Protocol::Udp || x == Protocol::Tcp)
+        }
         _ => false,
     })
 }
@@ -165,15 +171,19 @@ fn serves_dns(inv: &Inventory, pod: &crate::inventory::PodInfo) -> bool {
     inv.services.iter().any(|s| {
         s.namespace == pod.namespace
             && s.ports.iter().any(|p| p.port == DNS_PORT)
-            && s.selector.as_ref().is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+            && s.selector
+                .as_ref()
+                .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
     })
 }
 
 fn cidr_covering_apiserver(p: &PeerSel, inv: &Inventory) -> Option<std::net::IpAddr> {
     match p {
-        PeerSel::Ip { net, world_only: true, .. } => {
-            inv.apiserver_endpoints().into_iter().map(|b| b.ip).find(|ip| net.contains(ip) && !matches!(inv.owner(*ip), Owner::Pod(_)))
-        }
+        PeerSel::Ip { net, world_only: true, .. } => inv
+            .apiserver_endpoints()
+            .into_iter()
+            .map(|b| b.ip)
+            .find(|ip| net.contains(ip) && !matches!(inv.owner(*ip), Owner::Pod(_))),
         PeerSel::AnyOf(v) => v.iter().find_map(|x| cidr_covering_apiserver(x, inv)),
         _ => None,
     }

@@ -192,10 +192,17 @@ pub enum PeerSel {
     Any,
     Nothing,
     /// Pods (not host-network) in matching namespaces with matching labels.
-    Pods { ns: NsSel, pods: Selector },
+    Pods {
+        ns: NsSel,
+        pods: Selector,
+    },
     /// An address range. `world_only`: Cilium CIDR rules, which never match pods, nodes or the
     /// apiserver (those have their own identities).
-    Ip { net: IpNet, except: Vec<IpNet>, world_only: bool },
+    Ip {
+        net: IpNet,
+        except: Vec<IpNet>,
+        world_only: bool,
+    },
     /// Node addresses of matching nodes.
     Nodes(Selector),
     Entity(Entity),
@@ -297,8 +304,17 @@ pub(crate) fn field_error(doc: &Document, msg: impl fmt::Display) -> anyhow::Err
 
 /// Parses a CIDR as the API does: a network address with a prefix (a bare address is a host
 /// route only where the API says so, e.g. Cilium; callers decide).
+/// A CIDR, or a bare address meaning a host route (Cilium and Calico accept both).
+pub(crate) fn parse_cidr_or_ip(s: &str, at: &str) -> Result<IpNet, String> {
+    match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(IpNet::from(ip)),
+        Err(_) => parse_cidr(s, at),
+    }
+}
+
 pub(crate) fn parse_cidr(s: &str, at: &str) -> Result<IpNet, String> {
-    let net: IpNet = s.parse().map_err(|_| format!("{at}: `{s}` is not a CIDR (e.g. 192.0.2.0/24 or 2001:db8::/64)"))?;
+    let net: IpNet =
+        s.parse().map_err(|_| format!("{at}: `{s}` is not a CIDR (e.g. 192.0.2.0/24 or 2001:db8::/64)"))?;
     if net.trunc() != net {
         // The API server accepts host bits but they are meaningless; say what it means.
         tracing::info!("{at}: `{s}` has host bits set; it means {}", net.trunc());

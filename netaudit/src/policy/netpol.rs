@@ -33,30 +33,25 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
             }
         }
     }
-    let mut ingress = Vec::new();
-    for (i, r) in spec.ingress.iter().flatten().enumerate() {
-        let at = format!("spec.ingress[{i}]");
-        ingress.push(Rule {
-            label: at.clone(),
-            action: Action::Allow,
-            peer: peers(r.from.as_deref(), &namespace, &format!("{at}.from")).map_err(err)?,
-            ports: ports(r.ports.as_deref(), &format!("{at}.ports")).map_err(err)?,
-            not_ports: Vec::new(),
-            local: None,
-        });
-    }
-    let mut egress = Vec::new();
-    for (i, r) in spec.egress.iter().flatten().enumerate() {
-        let at = format!("spec.egress[{i}]");
-        egress.push(Rule {
-            label: at.clone(),
-            action: Action::Allow,
-            peer: peers(r.to.as_deref(), &namespace, &format!("{at}.to")).map_err(err)?,
-            ports: ports(r.ports.as_deref(), &format!("{at}.ports")).map_err(err)?,
-            not_ports: Vec::new(),
-            local: None,
-        });
-    }
+    let rule =
+        |dir: &str, i: usize, peer_list: Option<&[NetworkPolicyPeer]>, port_list: Option<&[NetworkPolicyPort]>| {
+            let at = format!("spec.{dir}[{i}]");
+            let peer_field = if dir == "ingress" { "from" } else { "to" };
+            Ok::<_, anyhow::Error>(Rule {
+                label: at.clone(),
+                action: Action::Allow,
+                peer: peers(peer_list, &namespace, &format!("{at}.{peer_field}")).map_err(err)?,
+                ports: ports(port_list, &format!("{at}.ports")).map_err(err)?,
+                not_ports: Vec::new(),
+                local: None,
+            })
+        };
+    let ingress = (spec.ingress.iter().flatten().enumerate())
+        .map(|(i, r)| rule("ingress", i, r.from.as_deref(), r.ports.as_deref()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let egress = (spec.egress.iter().flatten().enumerate())
+        .map(|(i, r)| rule("egress", i, r.to.as_deref(), r.ports.as_deref()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Policy {
         id: std::sync::Arc::new(PolicyId {
             engine: Engine::Kubernetes,
@@ -104,7 +99,9 @@ fn peers(list: Option<&[NetworkPolicyPeer]>, namespace: &str, at: &str) -> Resul
                 }
                 PeerSel::Ip { net, except, world_only: false }
             }
-            (Some(_), _, _) => return Err(format!("{at}: ipBlock cannot be combined with namespaceSelector or podSelector")),
+            (Some(_), _, _) => {
+                return Err(format!("{at}: ipBlock cannot be combined with namespaceSelector or podSelector"));
+            }
             (None, None, None) => {
                 return Err(format!("{at}: a peer needs at least one of podSelector, namespaceSelector, ipBlock"));
             }

@@ -85,7 +85,10 @@ impl LabelSelector {
             let values = e.values.clone().unwrap_or_default();
             match op {
                 Op::In | Op::NotIn if values.is_empty() => {
-                    return Err(format!("{at}.matchExpressions[{i}].values: `{}` needs at least one value", e.operator));
+                    return Err(format!(
+                        "{at}.matchExpressions[{i}].values: `{}` needs at least one value",
+                        e.operator
+                    ));
                 }
                 Op::Exists | Op::DoesNotExist if !values.is_empty() => {
                     return Err(format!("{at}.matchExpressions[{i}].values: `{}` takes no values", e.operator));
@@ -120,10 +123,7 @@ impl LabelSelector {
 
     /// The value this selector pins `key` to, if it does (`key In [one]`).
     pub fn pinned(&self, key: &str) -> Option<&str> {
-        self.reqs
-            .iter()
-            .find(|r| r.key == key && r.op == Op::In && r.values.len() == 1)
-            .map(|r| r.values[0].as_str())
+        self.reqs.iter().find(|r| r.key == key && r.op == Op::In && r.values.len() == 1).map(|r| r.values[0].as_str())
     }
 }
 
@@ -388,7 +388,8 @@ mod tests {
         assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a"), ("team", "x"), ("legacy", "1")])));
         assert!(LabelSelector::default().matches(&labels(&[])));
         let bad: K8sLabelSelector =
-            serde_json::from_value(serde_json::json!({"matchExpressions": [{"key": "a", "operator": "Equals"}]})).unwrap();
+            serde_json::from_value(serde_json::json!({"matchExpressions": [{"key": "a", "operator": "Equals"}]}))
+                .unwrap();
         let e = LabelSelector::from_k8s(&bad, "spec.podSelector").unwrap_err();
         assert!(e.contains("spec.podSelector.matchExpressions[0].operator") && e.contains("Equals"), "{e}");
     }

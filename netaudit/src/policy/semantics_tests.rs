@@ -329,7 +329,12 @@ fn cluster_network_policy_named_ports_and_fail_closed_peers() {
     - {action: Accept, from: [{namespaces: {matchLabels: {team: red}}}], protocols: [{destinationNamedPort: http}]}
     - {action: Deny, from: [{namespaces: {}}]}
 "#,
-        &["b/client a/web TCP/8080 allowed", "a/db a/web TCP/8080 cut", "b/client a/web TCP/9090 cut", "192.0.2.1 a/web TCP/9090 allowed"],
+        &[
+            "b/client a/web TCP/8080 allowed",
+            "a/db a/web TCP/8080 cut",
+            "b/client a/web TCP/9090 cut",
+            "192.0.2.1 a/web TCP/9090 allowed",
+        ],
     );
 }
 

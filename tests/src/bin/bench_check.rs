@@ -76,9 +76,13 @@ fn cluster(rng: &mut Lcg) -> Vec<Document> {
         for i in 0..POLICIES_PER_NS {
             let peer = match i % 4 {
                 0 => json!({"podSelector": {"matchLabels": {"app": format!("app-{}", rng.next(5))}}}),
-                1 => json!({"namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["t1", "t2"]}]}}),
+                1 => {
+                    json!({"namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["t1", "t2"]}]}})
+                }
                 2 => json!({"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"]}}),
-                _ => json!({"namespaceSelector": {"matchLabels": {"tier": "t3"}}, "podSelector": {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["r0"]}]}}),
+                _ => {
+                    json!({"namespaceSelector": {"matchLabels": {"tier": "t3"}}, "podSelector": {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["r0"]}]}})
+                }
             };
             let ports = match i % 3 {
                 0 => json!([{"port": 8080}]),
@@ -151,7 +155,14 @@ fn main() -> Result<()> {
     let release = Release { name: "stageset-controller".into(), namespace: "default".into() };
     let matrix = Matrix::default_matrix();
     let run = |policies: &[policy::Policy]| -> Result<(f64, usize)> {
-        let check = Check { inventory: &inv, policies, values: &values, values_given: false, release: &release, matrix: &matrix };
+        let check = Check {
+            inventory: &inv,
+            policies,
+            values: &values,
+            values_given: false,
+            release: &release,
+            matrix: &matrix,
+        };
         let t = Instant::now();
         let report = check.run(&flows)?;
         Ok((t.elapsed().as_secs_f64(), report.summary.cut))
@@ -170,11 +181,25 @@ fn main() -> Result<()> {
     let (w, wo) = (median(with), median(without));
     println!("netaudit bench check — {} CPUs, median of {ROUNDS} rounds", std::thread::available_parallelism()?.get());
     println!();
-    println!("  cluster: {} pods, {} namespaces, 100 Services, 10 nodes; {} policies (built in {load_ms:.0} ms)", inv.pods.len(), NAMESPACES, policies.len());
+    println!(
+        "  cluster: {} pods, {} namespaces, 100 Services, 10 nodes; {} policies (built in {load_ms:.0} ms)",
+        inv.pods.len(),
+        NAMESPACES,
+        policies.len()
+    );
     println!("  flows:   {FLOWS} (50% pod→pod, 20% pod→ClusterIP, 20% pod→external, 10% node→pod)");
     println!();
     println!("  check, no policies (baseline)   {:>8.0} ms   {:>10.0} flows/s", wo * 1e3, FLOWS as f64 / wo);
-    println!("  check, {} policies            {:>8.0} ms   {:>10.0} flows/s   ({cut} cut)", policies.len(), w * 1e3, FLOWS as f64 / w);
-    println!("  cost of the policies            {:>8.0} ms   ({:.2} µs per flow)", (w - wo) * 1e3, (w - wo) / FLOWS as f64 * 1e6);
+    println!(
+        "  check, {} policies            {:>8.0} ms   {:>10.0} flows/s   ({cut} cut)",
+        policies.len(),
+        w * 1e3,
+        FLOWS as f64 / w
+    );
+    println!(
+        "  cost of the policies            {:>8.0} ms   ({:.2} µs per flow)",
+        (w - wo) * 1e3,
+        (w - wo) / FLOWS as f64 * 1e6
+    );
     Ok(())
 }
