@@ -16,3 +16,4 @@ pub mod inventory;
 pub mod matrix;
 pub mod model;
 pub mod policy;
+pub mod propose;

@@ -64,6 +64,15 @@ impl Values {
         Ok(v)
     }
 
+    /// These values with `over` merged on top (Helm's merge), checked like a values file.
+    pub fn with_overrides(&self, over: Value) -> anyhow::Result<Values> {
+        let mut root = self.root.clone();
+        merge(&mut root, over);
+        let v = Values { origin: format!("proposed values over {}", self.origin), root };
+        v.validate()?;
+        Ok(v)
+    }
+
     /// The value at a dotted path (`networkPolicy.egress.enabled`).
     pub fn get(&self, path: &str) -> Option<&Value> {
         path.split('.').try_fold(&self.root, |v, k| v.get(k))

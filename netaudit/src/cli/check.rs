@@ -23,17 +23,13 @@ pub enum Format {
     Json,
 }
 
-/// Where policies and the cluster come from: shared by `check` and `lint`.
+/// The cluster and the chart's values: shared by `check`, `lint` and `propose`.
 #[derive(clap::Args)]
-pub struct Sources {
+pub struct Cluster {
     /// Cluster objects: what `kubectl get namespaces,pods,services,endpointslices,nodes,networkpolicies
     /// -A -o yaml` prints (a List), a multi-document YAML stream, or JSON. Policies in it are used.
     #[arg(long, value_name = "FILE")]
     inventory: Option<PathBuf>,
-    /// Rendered or live policy manifests (repeatable): NetworkPolicy, CiliumNetworkPolicy,
-    /// Calico NetworkPolicy, ClusterNetworkPolicy.
-    #[arg(long = "policy", value_name = "FILE")]
-    policies: Vec<PathBuf>,
     /// The stageset-controller chart's values: the policies the chart renders from them are used.
     #[arg(long, value_name = "FILE")]
     values: Option<PathBuf>,
@@ -43,6 +39,17 @@ pub struct Sources {
     /// Release namespace (default: from the controller pod in the inventory, else default).
     #[arg(long)]
     namespace: Option<String>,
+}
+
+/// Where policies come from: the cluster (and values), plus manifests.
+#[derive(clap::Args)]
+pub struct Sources {
+    #[command(flatten)]
+    cluster: Cluster,
+    /// Rendered or live policy manifests (repeatable): NetworkPolicy, CiliumNetworkPolicy,
+    /// Calico NetworkPolicy, ClusterNetworkPolicy.
+    #[arg(long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -68,16 +75,21 @@ pub struct LintArgs {
 }
 
 /// Everything read from the sources.
-struct Loaded {
-    inventory: Inventory,
-    policies: Vec<Policy>,
-    values: Values,
-    values_given: bool,
-    release: Release,
-    notes: Vec<String>,
+pub struct Loaded {
+    pub inventory: Inventory,
+    pub policies: Vec<Policy>,
+    pub values: Values,
+    pub values_given: bool,
+    pub release: Release,
+    pub notes: Vec<String>,
 }
 
 fn load(s: &Sources) -> Result<Loaded> {
+    load_cluster(&s.cluster, &s.policies)
+}
+
+/// Reads the cluster, the values (rendering the chart's policies) and `policy_files`.
+pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf]) -> Result<Loaded> {
     let mut notes = Vec::new();
     let (mut inventory, rest) = match &s.inventory {
         Some(p) => Inventory::load(p)?,
@@ -87,7 +99,7 @@ fn load(s: &Sources) -> Result<Loaded> {
     for d in &skipped {
         inventory.note_skipped(d);
     }
-    for path in &s.policies {
+    for path in policy_files {
         let docs = input::read_objects(path)?;
         let (found, rest) = policy::from_documents(docs)?;
         if found.is_empty() {

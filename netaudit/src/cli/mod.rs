@@ -2,6 +2,7 @@
 //! failed at run time, 2 bad input (a file, flag or value the user must fix).
 
 mod check;
+mod propose;
 mod record;
 
 use std::process::ExitCode;
@@ -27,6 +28,9 @@ enum Command {
     Check(check::Args),
     /// Lint policies: objects the API server rejects, rules that do not do what they look like.
     Lint(check::LintArgs),
+    /// Propose the smallest egress/ingress allowlist that admits the recorded flows, per engine,
+    /// as chart values, manifests or JSON.
+    Propose(propose::Args),
 }
 
 pub use netaudit::input::BadInput;
@@ -47,6 +51,7 @@ pub fn main() -> ExitCode {
         Command::Record(args) => record::run(args),
         Command::Check(args) => check::run(args),
         Command::Lint(args) => check::run_lint(args),
+        Command::Propose(args) => propose::run(args),
     };
     match result {
         Ok(code) => code,

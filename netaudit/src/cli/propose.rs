@@ -1,0 +1,114 @@
+//! `netaudit propose`: recorded flows → the smallest allowlist, as chart values, manifests or
+//! JSON. Output goes to stdout or, atomically, to `--output`.
+
+use std::{io::Write, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use netaudit::{
+    input::BadInput,
+    matrix::Matrix,
+    model::FlowFile,
+    policy::Engine,
+    propose::{self, Aggregate, Options, render},
+};
+
+use super::check::{Cluster, load_cluster};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    /// A `networkPolicy:` block for the chart's values, with a comment per rule.
+    Values,
+    /// The complete objects the chart renders with those values.
+    Manifests,
+    /// The proposal as data.
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The flow file recorded in the learning window.
+    #[arg(long, value_name = "FILE")]
+    flows: PathBuf,
+    #[command(flatten)]
+    cluster: Cluster,
+    /// Policy engine to propose for (default: `networkPolicy.engine` of --values).
+    #[arg(long, value_parser = parse_engine)]
+    engine: Option<Engine>,
+    #[arg(long, value_enum, default_value_t = Format::Values)]
+    format: Format,
+    /// Required-traffic matrix for another workload (default: the built-in stageset-controller one).
+    #[arg(long, value_name = "FILE")]
+    matrix: Option<PathBuf>,
+    /// Widen addresses into prefixes: `prefix=24` (IPv4), `prefix6=64`, `min=N` (only when N
+    /// addresses share the prefix; default 2). Without it nothing is widened beyond what was seen.
+    #[arg(long, value_parser = parse_aggregate, value_name = "POLICY")]
+    aggregate: Option<Aggregate>,
+    /// Allowlist flows the matrix does not expect too (they are always listed).
+    #[arg(long)]
+    include_unexpected: bool,
+    /// Write here (atomically) instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+fn parse_engine(s: &str) -> Result<Engine, String> {
+    s.parse()
+}
+
+fn parse_aggregate(s: &str) -> Result<Aggregate, String> {
+    s.parse()
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    if let Some(out) = &args.output {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(
+                BadInput(format!("--output {}: directory {} does not exist", out.display(), dir.display())).into()
+            );
+        }
+    }
+    let flows = FlowFile::read(&args.flows).map_err(|e| BadInput(format!("{e:#}")))?;
+    let loaded = load_cluster(&args.cluster, &[])?;
+    let engine = match args.engine {
+        Some(e) => e,
+        None if loaded.values_given => loaded.values.engine()?,
+        None => {
+            return Err(
+                BadInput("give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values".into()).into()
+            );
+        }
+    };
+    let matrix = match &args.matrix {
+        Some(p) => Matrix::load(p)?,
+        None => Matrix::default_matrix(),
+    };
+    let opts = Options { engine, include_unexpected: args.include_unexpected, aggregate: args.aggregate };
+    let mut proposal = propose::propose(
+        &flows,
+        &loaded.inventory,
+        &loaded.values,
+        loaded.values_given,
+        &loaded.release,
+        &matrix,
+        &opts,
+    )
+    .map_err(|e| BadInput(format!("{e:#}")))?;
+    proposal.notes.splice(0..0, loaded.notes);
+    let text = match args.format {
+        Format::Values => render::values_yaml(&proposal)?,
+        Format::Manifests => render::manifests_yaml(&render::manifests(&proposal, &loaded.values, None)?)?,
+        Format::Json => serde_json::to_string_pretty(&proposal)? + "\n",
+    };
+    match &args.output {
+        None => std::io::stdout().lock().write_all(text.as_bytes()).context("writing the proposal")?,
+        Some(out) => {
+            let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)
+                .with_context(|| format!("creating a file in {}", dir.display()))?;
+            tmp.write_all(text.as_bytes())?;
+            tmp.persist(out).with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

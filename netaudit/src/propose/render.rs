@@ -1,0 +1,375 @@
+//! A proposal in each engine's schema: the chart's `networkPolicy:` values (paste-ready, with a
+//! comment per rule naming the peer and the evidence), complete manifests (the chart's own
+//! rendering of those values, so they are exactly what an install would create), or JSON.
+
+use serde_json::{Value, json};
+
+use super::{EgressRule, Peer, PortProto, Proposal};
+use crate::{
+    chart::{CHART_NAME, Values},
+    input::Document,
+    inventory::{Labels, NAMESPACE_NAME_LABEL},
+    model::{DNS_PORT, Protocol},
+    policy::{Engine, cilium},
+};
+
+pub fn labels_text(l: &Labels) -> String {
+    if l.is_empty() {
+        return "(no identifying labels)".into();
+    }
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn host(net: &ipnet::IpNet) -> String {
+    net.to_string()
+}
+
+fn ip_net(ip: &std::net::IpAddr) -> String {
+    ipnet::IpNet::from(*ip).to_string()
+}
+
+fn proto_name(p: Protocol) -> String {
+    p.to_string()
+}
+
+/// The rule (or rules: Calico takes one protocol per rule) for one proposed egress peer.
+fn egress_rules(engine: Engine, r: &EgressRule, index: usize) -> Vec<Value> {
+    let ports = &r.ports;
+    match engine {
+        Engine::Kubernetes => {
+            let to: Vec<Value> = match &r.peer {
+                Peer::Pods { namespace, labels } => vec![k8s_pods(namespace, labels)],
+                Peer::Apiserver { addresses } => {
+                    addresses.iter().map(|a| json!({"ipBlock": {"cidr": ip_net(a)}})).collect()
+                }
+                Peer::Addresses { nets, .. } => nets.iter().map(|n| json!({"ipBlock": {"cidr": host(n)}})).collect(),
+            };
+            if to.is_empty() {
+                return vec![];
+            }
+            let mut rule = json!({"to": to});
+            if !ports.is_empty() {
+                rule["ports"] =
+                    ports.iter().map(|p| json!({"protocol": proto_name(p.protocol), "port": p.port})).collect();
+            }
+            vec![rule]
+        }
+        Engine::Cilium => {
+            let mut rule = match &r.peer {
+                Peer::Pods { namespace, labels } => json!({"toEndpoints": [cilium_endpoint(namespace, labels)]}),
+                Peer::Apiserver { .. } => json!({"toEntities": ["kube-apiserver"]}),
+                Peer::Addresses { names, .. } if !names.is_empty() => {
+                    json!({"toFQDNs": names.iter().map(|n| json!({"matchName": n})).collect::<Vec<_>>()})
+                }
+                Peer::Addresses { nets, .. } => json!({"toCIDR": nets.iter().map(host).collect::<Vec<_>>()}),
+            };
+            if !ports.is_empty() {
+                rule["toPorts"] = json!([{"ports": ports.iter().map(|p| json!({"port": p.port.to_string(), "protocol": proto_name(p.protocol)})).collect::<Vec<_>>()}]);
+            }
+            vec![rule]
+        }
+        Engine::Calico => {
+            let destination = match &r.peer {
+                Peer::Pods { namespace, labels } => calico_pods(namespace, labels),
+                Peer::Apiserver { addresses } if addresses.is_empty() => return vec![],
+                Peer::Apiserver { addresses } => json!({"nets": addresses.iter().map(ip_net).collect::<Vec<_>>()}),
+                Peer::Addresses { nets, .. } => json!({"nets": nets.iter().map(host).collect::<Vec<_>>()}),
+            };
+            if ports.is_empty() {
+                return vec![json!({"action": "Allow", "destination": destination})];
+            }
+            let mut protocols: Vec<Protocol> = ports.iter().map(|p| p.protocol).collect();
+            protocols.dedup();
+            protocols
+                .into_iter()
+                .map(|proto| {
+                    let mut d = destination.clone();
+                    d["ports"] = ports.iter().filter(|p| p.protocol == proto).map(|p| json!(p.port)).collect();
+                    json!({"action": "Allow", "protocol": proto_name(proto), "destination": d})
+                })
+                .collect()
+        }
+        Engine::ClusterNetworkPolicy => {
+            let to = match &r.peer {
+                Peer::Pods { namespace, labels } if labels.is_empty() => {
+                    json!([{"namespaces": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}])
+                }
+                Peer::Pods { namespace, labels } => json!([{"pods": {
+                    "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
+                    "podSelector": {"matchLabels": labels},
+                }}]),
+                Peer::Apiserver { addresses } if addresses.is_empty() => return vec![],
+                Peer::Apiserver { addresses } => {
+                    json!([{"networks": addresses.iter().map(ip_net).collect::<Vec<_>>()}])
+                }
+                Peer::Addresses { nets, .. } => json!([{"networks": nets.iter().map(host).collect::<Vec<_>>()}]),
+            };
+            let name = r.rows.first().cloned().unwrap_or_else(|| "egress".into());
+            let mut rule = json!({"name": format!("{name}-{index}"), "action": "Accept", "to": to});
+            if !ports.is_empty() {
+                rule["protocols"] = cnp_protocols(ports);
+            }
+            vec![rule]
+        }
+    }
+}
+
+fn k8s_pods(namespace: &str, labels: &Labels) -> Value {
+    let mut peer = json!({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}});
+    if !labels.is_empty() {
+        peer["podSelector"] = json!({"matchLabels": labels});
+    }
+    peer
+}
+
+fn cilium_endpoint(namespace: &str, labels: &Labels) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert(format!("k8s:{}", cilium::NAMESPACE_LABEL), json!(namespace));
+    for (k, v) in labels {
+        m.insert(format!("k8s:{k}"), json!(v));
+    }
+    json!({"matchLabels": m})
+}
+
+fn calico_pods(namespace: &str, labels: &Labels) -> Value {
+    let mut d = json!({"namespaceSelector": format!("{NAMESPACE_NAME_LABEL} == '{namespace}'")});
+    if !labels.is_empty() {
+        d["selector"] = json!(labels.iter().map(|(k, v)| format!("{k} == '{v}'")).collect::<Vec<_>>().join(" && "));
+    }
+    d
+}
+
+fn cnp_protocols(ports: &[PortProto]) -> Value {
+    ports
+        .iter()
+        .map(|p| {
+            let key = p.protocol.to_string().to_ascii_lowercase();
+            json!({key: {"destinationPort": {"number": p.port}}})
+        })
+        .collect()
+}
+
+/// The DNS rule that replaces the chart's where the chart's is wrong for this engine.
+fn dns_rules(engine: Engine, p: &Proposal) -> Vec<Value> {
+    if p.dns.chart_rule {
+        return vec![];
+    }
+    let ports =
+        [PortProto { protocol: Protocol::Udp, port: DNS_PORT }, PortProto { protocol: Protocol::Tcp, port: DNS_PORT }];
+    match engine {
+        Engine::Cilium => vec![json!({
+            "toEndpoints": [cilium_endpoint(&p.dns.namespace, &p.dns.labels)],
+            "toPorts": [{
+                "ports": ports.iter().map(|x| json!({"port": x.port.to_string(), "protocol": proto_name(x.protocol)})).collect::<Vec<_>>(),
+                "rules": {"dns": [{"matchPattern": "*"}]},
+            }],
+        })],
+        Engine::Calico => ports
+            .iter()
+            .map(|x| {
+                let mut d = calico_pods(&p.dns.namespace, &p.dns.labels);
+                d["ports"] = json!([x.port]);
+                json!({"action": "Allow", "protocol": proto_name(x.protocol), "destination": d})
+            })
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn ingress_peer(p: &Peer) -> Vec<Value> {
+    match p {
+        Peer::Pods { namespace, labels } => vec![k8s_pods(namespace, labels)],
+        Peer::Apiserver { addresses } => addresses.iter().map(|a| json!({"ipBlock": {"cidr": ip_net(a)}})).collect(),
+        Peer::Addresses { nets, .. } => nets.iter().map(|n| json!({"ipBlock": {"cidr": host(n)}})).collect(),
+    }
+}
+
+/// The egress rules of the proposal in the engine's schema, each with its comment. `skip`
+/// leaves one proposed rule out (for the minimality check).
+pub fn egress_items(p: &Proposal, skip: Option<usize>) -> Vec<(Vec<String>, Value)> {
+    let mut out = Vec::new();
+    for (i, r) in p.egress.iter().enumerate() {
+        if Some(i) == skip {
+            continue;
+        }
+        let rules = egress_rules(p.engine, r, i);
+        let comment = rule_comment(r);
+        if rules.is_empty() {
+            out.push((
+                vec![comment[0].clone(), "NOT RENDERED: the apiserver endpoints are unknown; add an ipBlock for each endpoint address and its port".into()],
+                Value::Null,
+            ));
+            continue;
+        }
+        for (j, rule) in rules.into_iter().enumerate() {
+            out.push((if j == 0 { comment.clone() } else { vec![] }, rule));
+        }
+    }
+    if !p.dns.chart_rule {
+        for (j, rule) in dns_rules(p.engine, p).into_iter().enumerate() {
+            out.push((if j == 0 { vec![format!("dns (required): {}", p.dns.note)] } else { vec![] }, rule));
+        }
+    }
+    if p.engine == Engine::ClusterNetworkPolicy {
+        out.push((
+            vec![
+                "enforcement: Accept rules alone restrict nothing; this Deny after them makes the list an allowlist.".into(),
+                "`networks` covers pods, nodes and external addresses alike (the chart's `namespaces: {}` deny covers pods only).".into(),
+            ],
+            json!({"name": "deny-all-other-egress", "action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}]}),
+        ));
+    }
+    out
+}
+
+fn rule_comment(r: &EgressRule) -> Vec<String> {
+    let who = match &r.peer {
+        Peer::Pods { namespace, labels } => format!("pods in {namespace} ({})", labels_text(labels)),
+        Peer::Apiserver { addresses } => {
+            let a: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+            format!("the kube-apiserver (endpoints {})", if a.is_empty() { "unknown".into() } else { a.join(", ") })
+        }
+        Peer::Addresses { nets, names } => {
+            let n: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+            if names.is_empty() { n.join(", ") } else { format!("{} ({})", n.join(", "), names.join(", ")) }
+        }
+    };
+    let rows = if r.rows.is_empty() { "unexpected".to_string() } else { r.rows.join(", ") };
+    let mut c = vec![format!("{rows}{}: {who}", if r.required { " (required)" } else { "" })];
+    if r.evidence.flows > 0 {
+        c.push(format!("evidence: {}", r.evidence.summary()));
+        let seen: Vec<&String> = r.evidence.seen.iter().take(4).collect();
+        c.push(format!(
+            "seen: {}{}",
+            seen.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; "),
+            if r.evidence.seen.len() > 4 { "; …" } else { "" }
+        ));
+    }
+    if let Some(n) = &r.note {
+        c.push(n.clone());
+    }
+    c
+}
+
+/// The proposal as the chart's `networkPolicy` values (data; comments come with [`values_yaml`]).
+pub fn values(p: &Proposal, skip: Option<usize>) -> Value {
+    let items: Vec<Value> = egress_items(p, skip).into_iter().map(|(_, v)| v).filter(|v| !v.is_null()).collect();
+    let mut np = json!({
+        "enabled": true,
+        "engine": p.engine.name(),
+        "egress": {"enabled": true, "dns": p.dns.chart_rule, "dnsNamespace": p.dns.namespace},
+    });
+    match p.engine {
+        Engine::Kubernetes => {
+            np["egress"]["to"] = Value::Array(items);
+            for port in &p.ingress {
+                if !port.open && port.name != "health" {
+                    np[&port.name] = json!({"from": port.from.iter().flat_map(ingress_peer).collect::<Vec<_>>()});
+                }
+            }
+        }
+        e => np[e.name()] = json!({"egress": items}),
+    }
+    json!({"networkPolicy": np})
+}
+
+/// Paste-ready values with a comment per rule.
+pub fn values_yaml(p: &Proposal) -> anyhow::Result<String> {
+    let mut out = String::new();
+    out += &format!("# netaudit propose: engine {}, release {} in {}\n", p.engine, p.release, p.namespace);
+    for n in &p.notes {
+        out += &format!("# note: {n}\n");
+    }
+    out += "networkPolicy:\n  enabled: true\n";
+    out += &format!("  engine: {}\n", p.engine.name());
+    if p.engine == Engine::Kubernetes {
+        for port in &p.ingress {
+            if port.name == "health" {
+                continue;
+            }
+            out += &format!("  {}:\n", port.name);
+            if port.open {
+                out += &format!("    from: []  # {}\n", port.why);
+            } else {
+                out += "    from:\n";
+                out += &format!("      # {}\n", port.why);
+                for peer in &port.from {
+                    for v in ingress_peer(peer) {
+                        out += &item(&v, 6)?;
+                    }
+                }
+            }
+        }
+    }
+    out += "  egress:\n    enabled: true\n";
+    out += &format!("    # {}\n", p.dns.note);
+    out += &format!("    dns: {}\n    dnsNamespace: {}\n", p.dns.chart_rule, p.dns.namespace);
+    let (list_key, indent) = match p.engine {
+        Engine::Kubernetes => ("    to:\n".to_string(), 6),
+        e => (format!("  {}:\n    egress:\n", e.name()), 6),
+    };
+    out += &list_key;
+    for (comments, v) in egress_items(p, None) {
+        for c in comments {
+            out += &format!("{}# {c}\n", " ".repeat(indent));
+        }
+        if !v.is_null() {
+            out += &item(&v, indent)?;
+        }
+    }
+    if p.engine != Engine::Kubernetes {
+        out += &format!(
+            "# Under {} the chart opens the ingress ports to all sources; its passthrough list adds, it cannot narrow.\n",
+            p.engine
+        );
+        for port in &p.ingress {
+            out += &format!("#   {} ({}): {}\n", port.name, port.port, port.why);
+        }
+    }
+    if !p.unexpected.is_empty() {
+        out += &format!(
+            "# Unexpected flows ({}):\n",
+            if p.include_unexpected { "included above (--include-unexpected)" } else { "NOT allowlisted" }
+        );
+        for u in &p.unexpected {
+            out += &format!(
+                "#   #{} {} {} -> {} port {}: {}\n",
+                u.index,
+                u.protocol,
+                u.src,
+                u.dst,
+                u.port.unwrap_or(0),
+                u.why
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// One YAML list item at `indent`.
+fn item(v: &Value, indent: usize) -> anyhow::Result<String> {
+    let text = serde_saphyr::to_string(v)?;
+    let pad = " ".repeat(indent);
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        out += &if i == 0 { format!("{pad}- {line}\n") } else { format!("{pad}  {line}\n") };
+    }
+    Ok(out)
+}
+
+/// The complete objects the chart renders from `base` with the proposal applied.
+pub fn manifests(p: &Proposal, base: &Values, skip: Option<usize>) -> anyhow::Result<Vec<Document>> {
+    let values = base.with_overrides(values(p, skip))?;
+    let release = crate::chart::Release { name: p.release.clone(), namespace: p.namespace.clone() };
+    values.render(&release)
+}
+
+pub fn manifests_yaml(docs: &[Document]) -> anyhow::Result<String> {
+    let values: Vec<&Value> = docs.iter().map(|d| &d.value).collect();
+    let mut out = format!("# netaudit propose: the objects the {CHART_NAME} chart renders with the proposed values\n");
+    for v in values {
+        out += "---\n";
+        out += &serde_saphyr::to_string(v)?;
+    }
+    Ok(out)
+}
