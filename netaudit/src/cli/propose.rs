@@ -12,7 +12,10 @@ use netaudit::{
     propose::{self, Aggregate, Options, render},
 };
 
-use super::check::{Cluster, load_cluster};
+use super::{
+    check::{Cluster, load_cluster},
+    check_output_dir, write_atomically,
+};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Format {
@@ -61,12 +64,7 @@ fn parse_aggregate(s: &str) -> Result<Aggregate, String> {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(out) = &args.output {
-        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
-            return Err(
-                BadInput(format!("--output {}: directory {} does not exist", out.display(), dir.display())).into()
-            );
-        }
+        check_output_dir(out)?;
     }
     let flows = FlowFile::read(&args.flows).map_err(|e| BadInput(format!("{e:#}")))?;
     let loaded = load_cluster(&args.cluster, &[])?;
@@ -74,9 +72,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(e) => e,
         None if loaded.values_given => loaded.values.engine()?,
         None => {
-            return Err(
-                BadInput("give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values".into()).into()
-            );
+            return Err(BadInput(
+                "give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values".into(),
+            )
+            .into());
         }
     };
     let matrix = match &args.matrix {
@@ -102,13 +101,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     match &args.output {
         None => std::io::stdout().lock().write_all(text.as_bytes()).context("writing the proposal")?,
-        Some(out) => {
-            let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)
-                .with_context(|| format!("creating a file in {}", dir.display()))?;
-            tmp.write_all(text.as_bytes())?;
-            tmp.persist(out).with_context(|| format!("writing {}", out.display()))?;
-        }
+        Some(out) => write_atomically(out, &text)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,7 @@ use netaudit::{
     model::FlowFile,
 };
 
-use super::BadInput;
+use super::{BadInput, check_output_dir, write_atomically};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -117,26 +117,6 @@ fn report(file: &FlowFile) {
             l.flows, l.packets, l.bytes, l.dns_events, l.unparsed_packets
         );
     }
-}
-
-fn check_output_dir(out: &std::path::Path) -> Result<()> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    if !dir.is_dir() {
-        return Err(BadInput(format!("--output {}: directory {} does not exist", out.display(), dir.display())).into());
-    }
-    Ok(())
-}
-
-/// Writes through a temporary file in the same directory and renames it into place, so a
-/// reader never sees half a file and an existing file survives a failed write.
-pub fn write_atomically(path: &std::path::Path, contents: &str) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(contents.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 fn write_output(file: &FlowFile, output: Option<&PathBuf>) -> Result<()> {
