@@ -110,6 +110,8 @@ fn inbound_connection_is_initiated_by_the_peer_on_the_listening_port() {
     let want = (Direction::Ingress, Protocol::Tcp, PEER_V4.to_string(), POD_V4.to_string(), Some(8080));
     assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
     assert_eq!(find(&file, &want).connections, 1);
+    // The client is outside the audited cgroup: the flow is not internal.
+    assert!(!find(&file, &want).internal, "{:#?}", file.flows);
 }
 
 #[test]
@@ -144,6 +146,7 @@ fn connections_open_before_recording_keep_their_initiator() {
     // 5 round trips each way were made during recording.
     assert!(find(&file, &out).packets_from_src >= 5);
     assert!(find(&file, &inbound).packets_from_src >= 5);
+    assert!(!find(&file, &out).internal && !find(&file, &inbound).internal, "{:#?}", file.flows);
 }
 
 #[test]

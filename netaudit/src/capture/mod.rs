@@ -221,8 +221,10 @@ fn merge_internal(flows: &mut Vec<Flow>) {
     let ingress: std::collections::HashSet<_> =
         flows.iter().filter(|f| f.direction == Some(Direction::Ingress)).map(conn).collect();
     flows.retain(|f| f.direction != Some(Direction::Ingress) || !egress.contains(&conn(f)));
+    // Only a client's flow with a server-side twin is internal; an ingress flow from outside
+    // the cgroup has no egress twin and stays as it is.
     for f in flows.iter_mut() {
-        if ingress.contains(&conn(f)) {
+        if f.direction == Some(Direction::Egress) && ingress.contains(&conn(f)) {
             f.internal = true;
         }
     }
@@ -319,4 +321,52 @@ pub fn preflight() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(direction: Direction, src: &str, dst: &str, port: u16) -> Flow {
+        let ep = |ip: &str, port| Endpoint { ip: ip.parse().unwrap(), port, names: Vec::new() };
+        Flow {
+            protocol: Protocol::Tcp,
+            src: ep(src, None),
+            dst: ep(dst, Some(port)),
+            direction: Some(direction),
+            packets: 1,
+            bytes: 1,
+            packets_from_src: 1,
+            bytes_from_src: 1,
+            packets_from_dst: 0,
+            bytes_from_dst: 0,
+            connections: 1,
+            first_seen: None,
+            last_seen: None,
+            cgroup: Some("/cg".into()),
+            internal: false,
+        }
+    }
+
+    #[test]
+    fn only_connections_seen_from_both_ends_are_internal() {
+        let mut flows = vec![
+            // Loopback inside the pod: the client's egress and the server's ingress record.
+            flow(Direction::Egress, "127.0.0.1", "127.0.0.1", 8080),
+            flow(Direction::Ingress, "127.0.0.1", "127.0.0.1", 8080),
+            // A real client outside the pod, and a real egress.
+            flow(Direction::Ingress, "192.0.2.30", "192.0.2.5", 8080),
+            flow(Direction::Egress, "192.0.2.5", "192.0.2.2", 6443),
+        ];
+        merge_internal(&mut flows);
+        let got: Vec<_> = flows.iter().map(|f| (f.direction, f.src.ip.to_string(), f.internal)).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(Direction::Egress), "127.0.0.1".to_string(), true),
+                (Some(Direction::Ingress), "192.0.2.30".to_string(), false),
+                (Some(Direction::Egress), "192.0.2.5".to_string(), false),
+            ]
+        );
+    }
 }
