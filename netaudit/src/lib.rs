@@ -11,8 +11,10 @@
 pub mod capture;
 pub mod chart;
 pub mod check;
+pub mod graph;
 pub mod input;
 pub mod inventory;
+pub mod lab;
 pub mod matrix;
 pub mod model;
 pub mod policy;

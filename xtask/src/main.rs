@@ -16,6 +16,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args...]
 
 commands:
+  demo [args] bootstrap, build, then run `netaudit demo` (root): the whole story in a lab on
+              this machine; args go to the demo (e.g. --engine cilium --output-dir DIR)
   bootstrap   add rust-src to the nightly toolchain and build bpf-linker (cached under target/)
   build       bootstrap, then build target/release/netaudit with the eBPF object embedded
   test        bootstrap, then run the whole test suite (real-kernel tests need root)
@@ -46,12 +48,24 @@ fn run(args: &[String]) -> Result<()> {
         "bootstrap" => {
             toolchain::bootstrap(&root)?;
         }
+        "demo" => {
+            toolchain::system_packages()?;
+            let env = toolchain::bootstrap(&root)?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
+            let bin = root.join("target/release/netaudit");
+            say(&format!("running {} demo {}", bin.display(), rest.join(" ")));
+            let status = Command::new(&bin).arg("demo").args(rest).status().context("running the demo")?;
+            if !status.success() {
+                bail!("the demo failed ({status})");
+            }
+        }
         "build" => {
             let env = toolchain::bootstrap(&root)?;
             cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], rest)?;
             say(&format!("built {}", root.join("target/release/netaudit").display()));
         }
         "test" => {
+            toolchain::system_packages()?;
             let env = toolchain::bootstrap(&root)?;
             // The CLI tests run the real binary.
             cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;

@@ -137,3 +137,40 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// The system tools the real-kernel tests and the demo lab use: `ip` (iproute2: network
+/// namespaces, veth) and `nft` (nftables: the lab's ClusterIP DNAT). Installed from Debian when
+/// missing and we are root; otherwise the error says what to install.
+pub fn system_packages() -> Result<()> {
+    let have = |tool: &str| Command::new(tool).arg("-V").output().is_ok();
+    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+        .into_iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    if !root || Command::new("apt-get").arg("--version").output().is_err() {
+        bail!(
+            "missing system packages {}: install them (e.g. apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    say(&format!("installing {} from Debian (network namespaces, the lab's DNAT)", missing.join(", ")));
+    let ok = |args: &[&str]| {
+        Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
+    };
+    if !ok(&["update", "-qq"]) || !ok(&[&["install", "-y", "-qq"][..], &missing].concat()) {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -2,6 +2,7 @@
 //! failed at run time, 2 bad input (a file, flag or value the user must fix).
 
 mod check;
+mod demo;
 mod propose;
 mod record;
 
@@ -33,6 +34,12 @@ enum Command {
     /// Propose the smallest egress/ingress allowlist that admits the recorded flows, per engine,
     /// as chart values, manifests or JSON.
     Propose(propose::Args),
+    /// Run the whole story in a lab on this machine (root): record a stand-in controller with the
+    /// real eBPF programs, then check and propose on what was recorded.
+    Demo(demo::Args),
+    /// A process of the demo lab (internal).
+    #[command(hide = true)]
+    LabActor { role: String, args: Vec<String> },
 }
 
 pub use netaudit::input::BadInput;
@@ -54,6 +61,8 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Lint(args) => check::run_lint(args),
         Command::Propose(args) => propose::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::LabActor { role, args } => netaudit::lab::actors::run(&role, &args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
