@@ -24,9 +24,10 @@ fn edges(r: &Report) -> (String, Vec<Edge<'_>>) {
             Side::Ingress => (&v.dst, &v.src),
         };
         workload = w.identity.clone();
+        // Line one: who; line two: the DNS names the workload resolved for it.
         let mut peer = format!("{} {}", p.identity, p.ip);
         if !p.names.is_empty() {
-            peer = format!("{peer} ({})", p.names.join(", "));
+            peer = format!("{peer}\n{}", p.names.join(", "));
         }
         out.push(Edge { v, peer });
     }
@@ -60,8 +61,8 @@ pub fn dot(r: &Report, title: &str) -> String {
         let _ = writeln!(
             s,
             "  \"{}\" -> \"{}\" [label=\"{}{}\", color=\"{color}\", fontcolor=\"{color}\", style={style}];",
-            from.replace('"', "'"),
-            to.replace('"', "'"),
+            from.replace('"', "'").replace('\n', "\\n"),
+            to.replace('"', "'").replace('\n', "\\n"),
             label(e.v),
             if e.v.allowed { "" } else { " · CUT" }
         );
@@ -78,11 +79,11 @@ pub fn html(r: &Report, title: &str) -> String {
         let n = peers.len();
         peers.entry(&e.peer).or_insert(n);
     }
-    let (w, h) = (1100.0, 760.0);
-    let (cx, cy, radius) = (w / 2.0, h / 2.0, 300.0);
+    let (w, h) = (1400.0, 860.0);
+    let (cx, cy, rx, ry) = (w / 2.0, h / 2.0, 440.0, 340.0);
     let pos = |i: usize| {
         let a = std::f64::consts::TAU * i as f64 / peers.len().max(1) as f64 - std::f64::consts::FRAC_PI_2;
-        (cx + radius * a.cos(), cy + radius * 0.85 * a.sin())
+        (cx + rx * a.cos(), cy + ry * a.sin())
     };
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -114,16 +115,19 @@ pub fn html(r: &Report, title: &str) -> String {
         );
     }
     let node = |svg: &mut String, x: f64, y: f64, text: &str, fill: &str| {
-        let width = (text.len() as f64 * 6.6 + 16.0).min(360.0);
+        let lines: Vec<&str> = text.lines().collect();
+        let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64 * 6.4 + 16.0;
+        let height = 10.0 + 15.0 * lines.len() as f64;
         let _ = writeln!(
             svg,
-            "<rect x=\"{:.0}\" y=\"{:.0}\" width=\"{width:.0}\" height=\"26\" rx=\"5\" fill=\"{fill}\" stroke=\"#475569\"/>\
-             <text x=\"{x:.0}\" y=\"{:.0}\" text-anchor=\"middle\">{}</text>",
+            "<rect x=\"{:.0}\" y=\"{:.0}\" width=\"{width:.0}\" height=\"{height:.0}\" rx=\"5\" fill=\"{fill}\" stroke=\"#475569\"/>",
             x - width / 2.0,
-            y - 13.0,
-            y + 4.0,
-            esc(text)
+            y - height / 2.0
         );
+        for (i, line) in lines.iter().enumerate() {
+            let ty = y - height / 2.0 + 17.0 + 15.0 * i as f64;
+            let _ = writeln!(svg, "<text x=\"{x:.0}\" y=\"{ty:.0}\" text-anchor=\"middle\">{}</text>", esc(line));
+        }
     };
     node(&mut svg, cx, cy, &workload, "#dbeafe");
     for (peer, i) in &peers {
