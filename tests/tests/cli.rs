@@ -12,8 +12,8 @@ fn record_by_pid_writes_the_flow_file_atomically() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
-    let mut client = Helper::spawn(&lab.pod, Some(&cg.path), &["wait", "tcp", "192.0.2.2:80", "2", "wait"]).unwrap();
+    let cg = test_cgroup().unwrap();
+    let mut client = helper(&lab.pod, Some(&cg.path), &["wait", "tcp", "192.0.2.2:80", "2", "wait"]).unwrap();
     assert_eq!(client.line().unwrap(), "waiting");
     let pid = std::fs::read_to_string(cg.path.join("cgroup.procs")).unwrap().trim().to_string();
     let dir = tempfile::tempdir().unwrap();
@@ -29,11 +29,11 @@ fn record_by_pid_writes_the_flow_file_atomically() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
     assert!(line.starts_with("netaudit: recording cgroup"), "{line}");
-    client.go().unwrap();
+    client.send("go").unwrap();
     assert_eq!(client.line().unwrap(), "waiting");
     let status = rec.wait().unwrap();
     drop(stderr);
-    client.go().unwrap();
+    client.send("go").unwrap();
     client.finish().unwrap();
     assert!(status.success());
     let file = FlowFile::read(&out).unwrap();

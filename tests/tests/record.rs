@@ -30,9 +30,9 @@ fn find<'a>(file: &'a FlowFile, s: &Shape) -> &'a Flow {
 
 /// Runs `args` in the audited cgroup inside the pod namespace while recording, and returns
 /// what was recorded (with the helper's output).
-fn record(lab: &Lab, cg: &TestCgroup, args: &[&str]) -> (FlowFile, Vec<String>) {
+fn record(lab: &Lab, cg: &Cgroup, args: &[&str]) -> (FlowFile, Vec<String>) {
     let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).expect("capture starts");
-    let helper = Helper::spawn(&lab.pod, Some(&cg.path), args).expect("spawn helper");
+    let helper = helper(&lab.pod, Some(&cg.path), args).expect("spawn helper");
     let out = helper.finish().expect("helper traffic got through");
     (capture.stop().expect("stop"), out)
 }
@@ -44,7 +44,7 @@ fn repeated_tcp_connections_aggregate_into_one_flow() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let (file, _) = record(&lab, &cg, &["tcp", "192.0.2.2:80", "3"]);
     let want = egress(Protocol::Tcp, POD_V4, PEER_V4, 80);
     assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
@@ -64,7 +64,7 @@ fn udp_request_response_is_one_flow_and_replies_add_none() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let (file, _) = record(&lab, &cg, &["udp", "192.0.2.2:7", "4", "udp-connected", "192.0.2.2:7", "3"]);
     let want = egress(Protocol::Udp, POD_V4, PEER_V4, 7);
     assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
@@ -82,7 +82,7 @@ fn ipv6_flow() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let (file, _) = record(&lab, &cg, &["tcp", "[2001:db8::2]:80", "2", "udp", "[2001:db8::2]:7", "1"]);
     assert_eq!(
         shapes(&file),
@@ -99,11 +99,11 @@ fn inbound_connection_is_initiated_by_the_peer_on_the_listening_port() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
-    let mut server = Helper::spawn(&lab.pod, Some(&cg.path), &["serve-once", "[::]:8080"]).unwrap();
+    let mut server = helper(&lab.pod, Some(&cg.path), &["serve-once", "[::]:8080"]).unwrap();
     assert_eq!(server.line().unwrap(), "listening");
-    let client = Helper::spawn(&lab.peer, None, &["tcp", "192.0.2.1:8080", "1"]).unwrap();
+    let client = helper(&lab.peer, None, &["tcp", "192.0.2.1:8080", "1"]).unwrap();
     client.finish().unwrap();
     server.finish().unwrap();
     let file = capture.stop().unwrap();
@@ -121,20 +121,20 @@ fn connections_open_before_recording_keep_their_initiator() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     // Outbound: the audited process opens a long-lived connection (an apiserver watch, say)...
-    let mut watch = Helper::spawn(&lab.pod, Some(&cg.path), &["hold-tcp", "192.0.2.2:80"]).unwrap();
+    let mut watch = helper(&lab.pod, Some(&cg.path), &["hold-tcp", "192.0.2.2:80"]).unwrap();
     assert_eq!(watch.line().unwrap(), "connected");
     // ...and inbound: a peer is connected to the audited process's server.
-    let mut server = Helper::spawn(&lab.pod, Some(&cg.path), &["serve-once", "[::]:9443"]).unwrap();
+    let mut server = helper(&lab.pod, Some(&cg.path), &["serve-once", "[::]:9443"]).unwrap();
     assert_eq!(server.line().unwrap(), "listening");
-    let mut client = Helper::spawn(&lab.peer, None, &["hold-tcp", "192.0.2.1:9443"]).unwrap();
+    let mut client = helper(&lab.peer, None, &["hold-tcp", "192.0.2.1:9443"]).unwrap();
     assert_eq!(client.line().unwrap(), "connected");
 
     // Only now does recording start; no SYN of either connection will be seen.
     let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
-    watch.go().unwrap();
-    client.go().unwrap();
+    watch.send("go").unwrap();
+    client.send("go").unwrap();
     assert_eq!(watch.line().unwrap(), "done");
     assert_eq!(client.line().unwrap(), "done");
     let file = capture.stop().unwrap();
@@ -156,7 +156,7 @@ fn dns_answers_put_names_on_peers() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let (file, out) = record(&lab, &cg, &["dns", "192.0.2.53:53", "api.lab.test", "tcp", "@resolved:80", "1"]);
     assert_eq!(out, ["resolved 192.0.2.2"]);
     let dns = egress(Protocol::Udp, POD_V4, DNS_V4, 53);
@@ -172,9 +172,9 @@ fn a_full_flow_map_counts_losses() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let capture = Capture::start(&CaptureConfig { cgroups: vec![cg.path.clone()], max_flows: 2 }).unwrap();
-    Helper::spawn(&lab.pod, Some(&cg.path), &["udp-ports", PEER_V4, "10000", "5"]).unwrap().finish().unwrap();
+    helper(&lab.pod, Some(&cg.path), &["udp-ports", PEER_V4, "10000", "5"]).unwrap().finish().unwrap();
     let file = capture.stop().unwrap();
     assert_eq!(file.flows.len(), 2);
     assert_eq!(file.losses.flows, 3, "{:?}", file.losses);
@@ -189,7 +189,7 @@ fn every_packet_still_arrives_fail_open() {
     }
     let lab = Lab::new().unwrap();
     let _peer = start_peer_services(&lab).unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     // The helper fails unless every datagram is answered and every byte echoed back.
     let (file, out) = record(&lab, &cg, &["udp", "192.0.2.2:7", "2000", "bulk", "192.0.2.2:80", "4000000"]);
     assert_eq!(out, ["bulk 4000000"]);
@@ -207,11 +207,11 @@ fn a_connection_inside_the_cgroup_is_recorded_once_as_internal() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
-    let mut server = Helper::spawn(&lab.pod, Some(&cg.path), &["serve-once", "127.0.0.1:8080"]).unwrap();
+    let mut server = helper(&lab.pod, Some(&cg.path), &["serve-once", "127.0.0.1:8080"]).unwrap();
     assert_eq!(server.line().unwrap(), "listening");
-    Helper::spawn(&lab.pod, Some(&cg.path), &["tcp", "127.0.0.1:8080", "1"]).unwrap().finish().unwrap();
+    helper(&lab.pod, Some(&cg.path), &["tcp", "127.0.0.1:8080", "1"]).unwrap().finish().unwrap();
     server.finish().unwrap();
     let file = capture.stop().unwrap();
     let want = egress(Protocol::Tcp, "127.0.0.1", "127.0.0.1", 8080);
@@ -227,7 +227,7 @@ fn icmp_echo_is_one_flow_per_peer_initiated_by_the_requester() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let cg = TestCgroup::new().unwrap();
+    let cg = test_cgroup().unwrap();
     let (file, _) = record(&lab, &cg, &["ping", PEER_V4, "3", "ping", PEER_V6, "2"]);
     let v4 = (Direction::Egress, Protocol::Icmp, POD_V4.to_string(), PEER_V4.to_string(), None);
     let v6 = (Direction::Egress, Protocol::Icmpv6, POD_V6.to_string(), PEER_V6.to_string(), None);

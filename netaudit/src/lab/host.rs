@@ -167,6 +167,22 @@ impl Actor {
         Ok(())
     }
 
+    /// Closes stdin, collects the remaining lines, and fails if the process failed.
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        drop(self.stdin.take());
+        let mut lines = Vec::new();
+        let mut s = String::new();
+        while self.stdout.read_line(&mut s)? > 0 {
+            lines.push(s.trim().to_string());
+            s.clear();
+        }
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the lab's {} failed: {status}; output: {lines:?}", self.name);
+        }
+        Ok(lines)
+    }
+
     pub fn send(&mut self, line: &str) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin closed")?;
         writeln!(stdin, "{line}")?;

@@ -23,7 +23,7 @@ use aya::{
     programs::{CgroupSkb, ProgramError, TestRun, TestRunOptions},
 };
 use netaudit::capture::{Capture, CaptureConfig, EBPF_OBJECT, cgroup};
-use netaudit_tests::{TestCgroup, require_kernel};
+use netaudit_tests::{Cgroup, require_kernel, test_cgroup};
 
 const ROUNDS: usize = 5;
 const UDP_PACKETS: u32 = 200_000;
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     if !require_kernel() {
         anyhow::bail!("the benchmarks need root");
     }
-    let cg = TestCgroup::new()?;
+    let cg = test_cgroup()?;
     // This whole process moves into the bench cgroup: test-run skbs and real sockets then belong to it.
     std::fs::write(cg.path.join("cgroup.procs"), std::process::id().to_string())?;
     let _restore = Restore;
@@ -84,7 +84,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn test_run(cg: &TestCgroup) -> Result<()> {
+fn test_run(cg: &Cgroup) -> Result<()> {
     let mut ebpf = EbpfLoader::new().map_max_entries("FLOWS", 1 << 17).load(EBPF_OBJECT)?;
     let id = cgroup::cgroup_id(&cg.path)?;
     HashMap::<_, u64, u8>::try_from(ebpf.map_mut("AUDITED").unwrap())?.insert(id, 1, 0)?;
@@ -132,7 +132,7 @@ fn test_run(cg: &TestCgroup) -> Result<()> {
     Ok(())
 }
 
-fn real_traffic(cg: &TestCgroup) -> Result<()> {
+fn real_traffic(cg: &Cgroup) -> Result<()> {
     // Stats add their own cost to every run, so they are on only for this part.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
     let mut udp_off = Vec::new();
