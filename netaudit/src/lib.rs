@@ -8,6 +8,7 @@
 //! the workload needs; [`check`] puts them together per flow. The CLI in the binary wires the
 //! stages to commands; [`input`] reads what users hand it, with errors that name the place.
 
+pub mod agent;
 pub mod capture;
 pub mod chart;
 pub mod check;
