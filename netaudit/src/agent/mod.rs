@@ -3,3 +3,10 @@
 //! come next.
 
 pub mod cgroups;
+
+/// The Linux capabilities the agent needs, as measured on kernel 6.18 (tests/tests/capabilities.rs
+/// proves each is needed): BPF, NET_ADMIN and PERFMON to load and attach the cgroup programs;
+/// SYS_PTRACE and DAC_READ_SEARCH to read the socket inodes of pod processes that run as other
+/// users (the attach-time snapshot that classifies connections already open). Not SYS_ADMIN, and
+/// not SYS_RESOURCE: BPF memory is charged to the cgroup on these kernels, no memlock rlimit.
+pub const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"];

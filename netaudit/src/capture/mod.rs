@@ -95,7 +95,17 @@ impl Capture {
             // is already open is classified right.
             let mut listen: HashMap<_, ListenKey, u8> =
                 HashMap::try_from(ebpf.map_mut("LISTEN").context("map LISTEN")?)?;
-            for (protocol, port) in sockets::serving_ports(&cgroup::pids_under(dir), ephemeral) {
+            let serving = sockets::serving_ports(&cgroup::pids_under(dir), ephemeral);
+            if !serving.unreadable.is_empty() {
+                tracing::warn!(
+                    "cannot read the sockets of process(es) {:?} in {} (they belong to another user: reading them \
+                     needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH); connections they opened before recording may \
+                     be recorded with the wrong initiator",
+                    serving.unreadable,
+                    dir.display()
+                );
+            }
+            for (protocol, port) in serving.ports {
                 listen.insert(ListenKey { cgroup_id: id, port, protocol, _pad: [0; 5] }, 1, 0)?;
             }
         }

@@ -26,22 +26,54 @@ pub fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// What the socket snapshot found.
+#[derive(Debug, Default)]
+pub struct Serving {
+    /// (protocol, port) pairs the processes serve on.
+    pub ports: BTreeSet<(u8, u16)>,
+    /// Processes whose sockets could not be read (another user's process without
+    /// CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH): their open connections may get the wrong
+    /// initiator.
+    pub unreadable: Vec<u32>,
+}
+
 /// (protocol, port) pairs the given processes serve on: TCP listeners, and UDP sockets bound to
 /// a port outside the ephemeral range with no fixed peer.
-pub fn serving_ports(pids: &[u32], ephemeral: (u16, u16)) -> BTreeSet<(u8, u16)> {
+pub fn serving_ports(pids: &[u32], ephemeral: (u16, u16)) -> Serving {
+    let mut unreadable = Vec::new();
     // Socket inodes owned by the processes, grouped by network namespace.
     let mut by_netns: HashMap<u64, (u32, HashSet<u64>)> = HashMap::new();
     for &pid in pids {
-        let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")) else { continue };
+        let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            // Gone in the meantime is fine; anything else means we are not allowed to look.
+            if fs::metadata(format!("/proc/{pid}")).is_ok() {
+                unreadable.push(pid);
+            }
+            continue;
+        };
         let entry = by_netns.entry(ns.ino()).or_insert_with(|| (pid, HashSet::new()));
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            // Gone in the meantime is fine; anything else means we are not allowed to look.
+            if fs::metadata(format!("/proc/{pid}")).is_ok() {
+                unreadable.push(pid);
+            }
+            continue;
+        };
+        let mut denied = false;
         for fd in fds.flatten() {
-            if let Ok(target) = fs::read_link(fd.path()) {
+            let target = fs::read_link(fd.path());
+            if matches!(&target, Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied) {
+                denied = true;
+            }
+            if let Ok(target) = target {
                 let t = target.to_string_lossy();
                 if let Some(Ok(inode)) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).map(str::parse) {
                     entry.1.insert(inode);
                 }
             }
+        }
+        if denied {
+            unreadable.push(pid);
         }
     }
     let mut ports = BTreeSet::new();
@@ -69,7 +101,7 @@ pub fn serving_ports(pids: &[u32], ephemeral: (u16, u16)) -> BTreeSet<(u8, u16)>
             }
         }
     }
-    ports
+    Serving { ports, unreadable }
 }
 
 struct SocketLine {
