@@ -1,8 +1,9 @@
 //! The DaemonSet agent's building blocks (issue 6, in progress): finding the target pods'
-//! cgroups on this node. The API watches, live inventory, drift alerts and state persistence
-//! come next.
+//! cgroups on this node, the capabilities it needs (measured), and its install bundle. The API
+//! watches, live inventory, drift alerts and state persistence come next.
 
 pub mod cgroups;
+pub mod manifests;
 
 /// The Linux capabilities the agent needs, as measured on kernel 6.18 (tests/tests/capabilities.rs
 /// proves each is needed): BPF, NET_ADMIN and PERFMON to load and attach the cgroup programs;

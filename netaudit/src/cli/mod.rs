@@ -37,12 +37,50 @@ enum Command {
     /// Run the whole story in a lab on this machine (root): record a stand-in controller with the
     /// real eBPF programs, then check and propose on what was recorded.
     Demo(demo::Args),
+    /// Print the agent's install bundle (Namespace, RBAC, FlowReport CRD, DaemonSet, its own
+    /// NetworkPolicy) as YAML: the source of deploy/netaudit.yaml.
+    Manifests(ManifestsArgs),
     /// A process of the demo lab (internal).
     #[command(hide = true)]
     LabActor { role: String, args: Vec<String> },
 }
 
 pub use netaudit::input::BadInput;
+
+#[derive(clap::Args)]
+struct ManifestsArgs {
+    #[arg(long, default_value = "netaudit")]
+    namespace: String,
+    /// The agent's image (default: this version's).
+    #[arg(long)]
+    image: Option<String>,
+    /// The apiserver's endpoint address range, for the agent's own egress policy (repeatable;
+    /// default: any address, on the apiserver port only).
+    #[arg(long = "apiserver-cidr", value_name = "CIDR")]
+    apiserver_cidrs: Vec<ipnet::IpNet>,
+    /// The apiserver's endpoint port (not the Service's 443).
+    #[arg(long, default_value_t = 6443)]
+    apiserver_port: u16,
+    /// The namespace allowed to scrape the agent's metrics.
+    #[arg(long, default_value = "monitoring")]
+    metrics_from_namespace: String,
+}
+
+fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
+    use netaudit::agent::manifests::{Options, bundle_yaml};
+    let mut o = Options::default();
+    o.namespace = a.namespace;
+    if let Some(i) = a.image {
+        o.image = i;
+    }
+    if !a.apiserver_cidrs.is_empty() {
+        o.apiserver_cidrs = a.apiserver_cidrs.iter().map(|c| c.trunc().to_string()).collect();
+    }
+    o.apiserver_port = a.apiserver_port;
+    o.metrics_from_namespace = a.metrics_from_namespace;
+    std::io::stdout().lock().write_all(bundle_yaml(&o)?.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -62,6 +100,7 @@ pub fn main() -> ExitCode {
         Command::Lint(args) => check::run_lint(args),
         Command::Propose(args) => propose::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Manifests(args) => manifests(args),
         Command::LabActor { role, args } => netaudit::lab::actors::run(&role, &args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -1,0 +1,248 @@
+//! The install bundle (`deploy/`), generated from one source: `netaudit manifests` prints it and a
+//! test keeps the committed files equal to it. Every object is checked against its k8s-openapi
+//! type by a lossless round trip (a misspelled field would be dropped by the type and caught).
+//!
+//! Least privilege: read-only on the kinds the agent watches, create/patch Events, write only its
+//! own FlowReport resource; the DaemonSet runs unprivileged with the measured capabilities
+//! ([`super::CAPABILITIES`]), a read-only root filesystem, hostPID (pod processes' /proc entries
+//! and cgroup.procs speak host PIDs), and hostPaths for cgroup2, bpffs and its state.
+
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Namespace, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use super::CAPABILITIES;
+
+/// The agent's own API group and resource, where it publishes each audited pod's flows.
+pub const GROUP: &str = "netaudit.dev";
+pub const FLOW_REPORTS: &str = "flowreports";
+/// The agent's metrics and health port.
+pub const METRICS_PORT: u16 = 9464;
+/// Where the agent keeps its state on the node (survives restarts and upgrades).
+pub const STATE_DIR: &str = "/var/lib/netaudit";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub namespace: String,
+    pub image: String,
+    /// The apiserver's endpoint addresses (CIDRs) and port, for the agent's own NetworkPolicy.
+    pub apiserver_cidrs: Vec<String>,
+    pub apiserver_port: u16,
+    /// The namespace Prometheus scrapes from.
+    pub metrics_from_namespace: String,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            namespace: "netaudit".into(),
+            image: format!("ghcr.io/netaudit/netaudit:{}", env!("CARGO_PKG_VERSION")),
+            apiserver_cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
+            apiserver_port: 6443,
+            metrics_from_namespace: "monitoring".into(),
+        }
+    }
+}
+
+/// Checks `v` against the API type `T`: it must deserialize, and serialize back unchanged.
+pub fn typed<T: DeserializeOwned + Serialize>(v: Value) -> anyhow::Result<Value> {
+    let what = format!(
+        "{} {}",
+        v.get("kind").and_then(Value::as_str).unwrap_or("?"),
+        v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?")
+    );
+    let t: T = serde_json::from_value(v.clone()).map_err(|e| anyhow::anyhow!("{what}: not a valid object: {e}"))?;
+    let back = serde_json::to_value(&t)?;
+    if back != v {
+        anyhow::bail!("{what}: fields the API type does not know were dropped:\n  wrote {v}\n  typed {back}");
+    }
+    Ok(back)
+}
+
+pub fn bundle(o: &Options) -> anyhow::Result<Vec<Value>> {
+    let ns = o.namespace.as_str();
+    let name = "netaudit-agent";
+    let labels = json!({"app.kubernetes.io/name": "netaudit", "app.kubernetes.io/component": "agent"});
+    let read = ["get", "list", "watch"];
+    let mut out = vec![
+        typed::<Namespace>(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
+        )?,
+        typed::<ServiceAccount>(
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "labels": labels}}),
+        )?,
+        typed::<ClusterRole>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels},
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods", "services", "namespaces", "nodes"], "verbs": read},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+                {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": read},
+                {"apiGroups": ["cilium.io"], "resources": ["ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"], "verbs": read},
+                {"apiGroups": ["projectcalico.org"], "resources": ["networkpolicies", "globalnetworkpolicies"], "verbs": read},
+                {"apiGroups": ["policy.networking.k8s.io"], "resources": ["clusternetworkpolicies"], "verbs": read},
+                {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": read},
+                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+                {"apiGroups": [GROUP], "resources": [FLOW_REPORTS], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+            ],
+        }))?,
+        typed::<ClusterRoleBinding>(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+        }))?,
+        typed::<CustomResourceDefinition>(flow_report_crd(&labels))?,
+        typed::<DaemonSet>(daemonset(o, name, &labels))?,
+    ];
+    out.push(typed::<NetworkPolicy>(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "podSelector": {"matchLabels": labels},
+            "policyTypes": ["Ingress", "Egress"],
+            // Only Prometheus scrapes; flow data is sensitive.
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": o.metrics_from_namespace}}}],
+                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+            }],
+            // The apiserver only: watches, Events, FlowReports.
+            "egress": [{
+                "to": o.apiserver_cidrs.iter().map(|c| json!({"ipBlock": {"cidr": c}})).collect::<Vec<_>>(),
+                "ports": [{"protocol": "TCP", "port": o.apiserver_port}],
+            }],
+        },
+    }))?);
+    Ok(out)
+}
+
+fn daemonset(o: &Options, name: &str, labels: &Value) -> Value {
+    let volume = |n: &str, path: &str, type_: &str| json!({"name": n, "hostPath": {"path": path, "type": type_}});
+    json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": o.namespace, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": name,
+                    "hostPID": true,
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{
+                        "name": "agent",
+                        "image": o.image,
+                        "args": ["agent", "--state-dir", STATE_DIR, "--listen", format!("0.0.0.0:{METRICS_PORT}")],
+                        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
+                        "resources": {
+                            "requests": {"cpu": "50m", "memory": "64Mi"},
+                            "limits": {"memory": "256Mi"},
+                        },
+                        "securityContext": {
+                            "privileged": false,
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsUser": 0,
+                            "capabilities": {"drop": ["ALL"], "add": CAPABILITIES},
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "volumeMounts": [
+                            {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": true},
+                            {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+                            {"name": "state", "mountPath": STATE_DIR},
+                            {"name": "tmp", "mountPath": "/tmp"},
+                        ],
+                    }],
+                    "volumes": [
+                        volume("cgroup", "/sys/fs/cgroup", "Directory"),
+                        volume("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+                        volume("state", STATE_DIR, "DirectoryOrCreate"),
+                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                    ],
+                },
+            },
+        },
+    })
+}
+
+/// FlowReport: one per audited pod, the flows its node's agent recorded.
+fn flow_report_crd(labels: &Value) -> Value {
+    let s = |t: &str| json!({"type": t});
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{FLOW_REPORTS}.{GROUP}"), "labels": labels},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"plural": FLOW_REPORTS, "singular": "flowreport", "kind": "FlowReport", "shortNames": ["fr"]},
+            "versions": [{
+                "name": "v1alpha1", "served": true, "storage": true,
+                "additionalPrinterColumns": [
+                    {"name": "Pod", "type": "string", "jsonPath": ".spec.pod"},
+                    {"name": "Node", "type": "string", "jsonPath": ".spec.node"},
+                    {"name": "Flows", "type": "integer", "jsonPath": ".status.flowCount"},
+                ],
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "spec": {"type": "object", "required": ["pod", "node"], "properties": {
+                            "pod": s("string"), "node": s("string"), "podUID": s("string"),
+                        }},
+                        "status": {"type": "object", "properties": {
+                            "flowCount": s("integer"),
+                            "updated": {"type": "string", "format": "date-time"},
+                            // The flow file (model::FlowFile), as recorded.
+                            "flows": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                        }},
+                    },
+                }},
+            }],
+        },
+    })
+}
+
+/// The bundle as one multi-document YAML file.
+pub fn bundle_yaml(o: &Options) -> anyhow::Result<String> {
+    let mut out = String::from(
+        "# The netaudit agent's install bundle. Generated by `netaudit manifests`; do not edit by hand\n\
+         # (a test keeps this file equal to the generator's output).\n",
+    );
+    for v in bundle(o)? {
+        out += "---\n";
+        out += &serde_saphyr::to_string(&v)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_object_is_its_api_type_and_unprivileged() {
+        let objects = bundle(&Options::default()).unwrap();
+        assert_eq!(objects.len(), 7);
+        let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert!(!sc["capabilities"]["add"].as_array().unwrap().contains(&json!("SYS_ADMIN")));
+        // A misspelled field is caught.
+        let bad =
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "x"}, "automountToken": false});
+        assert!(typed::<ServiceAccount>(bad).unwrap_err().to_string().contains("dropped"));
+    }
+}
