@@ -82,3 +82,97 @@ fn bad_input_exits_2_naming_the_problem_and_keeps_existing_output() {
 
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous recording");
 }
+
+/// A private bpffs for one test, unmounted on drop.
+struct Bpffs(tempfile::TempDir);
+
+impl Bpffs {
+    fn mount() -> Bpffs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap().success();
+        assert!(ok, "mounting a bpffs on {}", dir.path().display());
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_killed_recorder_loses_nothing_and_the_next_one_resumes() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = test_cgroup().unwrap();
+    let bpffs = Bpffs::mount();
+    let state = tempfile::tempdir().unwrap();
+    let out = state.path().join("flows.json");
+    let recorder = |duration: &str| {
+        let mut c = Command::new(netaudit_bin())
+            .args(["record", "--cgroup"])
+            .arg(&cg.path)
+            .args(["--duration", duration, "--pin-dir"])
+            .arg(bpffs.0.path())
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--output")
+            .arg(&out)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(c.stderr.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(line.starts_with("netaudit: recording cgroup"), "{line}");
+        (c, stderr)
+    };
+    let traffic = |n: &str| {
+        let udp = format!("{PEER_V4}:7");
+        let h = helper(
+            &lab.pod,
+            Some(&cg.path),
+            &["dns", "192.0.2.53:53", "api.lab.test", "tcp", "@resolved:80", n, "udp", &udp, n],
+        );
+        h.unwrap().finish().unwrap();
+    };
+
+    // Recorder one sees 2 connections and a DNS answer, then is killed (no clean stop).
+    let (mut first, _e1) = recorder("60s");
+    traffic("2");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!out.exists(), "a killed recorder wrote nothing");
+    // While no recorder runs, the pinned programs keep counting.
+    traffic("3");
+    // Recorder two resumes, sees 1 more connection, and finishes cleanly.
+    let (second, _e2) = recorder("2s");
+    traffic("1");
+    let status = second.wait_with_output().unwrap().status;
+    assert!(status.success());
+
+    let file = FlowFile::read(&out).unwrap();
+    let api = file
+        .flows
+        .iter()
+        .find(|f| f.dst.ip.to_string() == PEER_V4 && f.dst.port == Some(80))
+        .unwrap_or_else(|| panic!("{:#?}", file.flows));
+    assert_eq!(api.connections, 6, "every connection, before, during and after the kill, once: {:#?}", file.flows);
+    assert_eq!(api.dst.names, ["api.lab.test"], "names learned before the kill survive");
+    // Exactly one program per hook counted each datagram: none lost, none doubled.
+    let echo = file.flows.iter().find(|f| f.dst.port == Some(7)).unwrap();
+    assert_eq!((echo.packets_from_src, echo.packets_from_dst), (6, 6), "{echo:#?}");
+    let dns = file.flows.iter().find(|f| f.dst.port == Some(53)).unwrap();
+    assert_eq!(dns.connections, 0);
+    assert!(dns.packets_from_src >= 3, "three lookups: {dns:#?}");
+    // A clean stop leaves no pin and no state behind.
+    // (A fresh bpffs holds the kernel's own progs.debug and maps.debug; ours go in v<layout>.)
+    let pins = bpffs.0.path().join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION));
+    assert!(!pins.exists(), "pins left behind in {}", pins.display());
+    assert!(!state.path().join("capture-state.json").exists());
+}

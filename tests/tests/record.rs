@@ -173,7 +173,7 @@ fn a_full_flow_map_counts_losses() {
     }
     let lab = Lab::new().unwrap();
     let cg = test_cgroup().unwrap();
-    let capture = Capture::start(&CaptureConfig { cgroups: vec![cg.path.clone()], max_flows: 2 }).unwrap();
+    let capture = Capture::start(&CaptureConfig { max_flows: 2, ..CaptureConfig::new(vec![cg.path.clone()]) }).unwrap();
     helper(&lab.pod, Some(&cg.path), &["udp-ports", PEER_V4, "10000", "5"]).unwrap().finish().unwrap();
     let file = capture.stop().unwrap();
     assert_eq!(file.flows.len(), 2);

@@ -11,7 +11,7 @@ use hickory_proto::{
 };
 
 /// Names each address was resolved from, as seen in the audited workload's DNS answers.
-#[derive(Default, Debug, Clone)]
+#[derive(Default, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DnsNames {
     names: BTreeMap<IpAddr, BTreeSet<String>>,
     /// Messages that did not parse (truncated TCP answers, non-DNS traffic on port 53).
@@ -40,6 +40,15 @@ impl DnsNames {
             set.extend(asked.iter().cloned());
             set.insert(fqdn(&record.name.to_ascii()));
         }
+    }
+
+    /// How many (address, name) pairs are known.
+    pub fn len(&self) -> usize {
+        self.names.values().map(BTreeSet::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
     }
 
     pub fn names_of(&self, ip: &IpAddr) -> Vec<String> {

@@ -17,9 +17,14 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        links::{FdLink, PinnedLink},
+    },
 };
-use netaudit_ebpf::{DnsEvent, FAMILY_V4, FlowKey, FlowStats, INITIATOR_LOCAL, ListenKey, config, loss};
+use netaudit_ebpf::{
+    DnsEvent, FAMILY_V4, FlowKey, FlowStats, INITIATOR_LOCAL, LAYOUT_VERSION, ListenKey, config, loss,
+};
 
 pub use self::dns::DnsNames;
 use crate::model::{Direction, Endpoint, FLOW_FILE_VERSION, Flow, FlowFile, Losses, Protocol, Source, Window};
@@ -42,20 +47,55 @@ pub struct CaptureConfig {
     pub cgroups: Vec<PathBuf>,
     /// Capacity of the in-kernel flow map; new flows beyond it are counted as lost.
     pub max_flows: u32,
+    /// Survive the recorder's death: see [`Persist`].
+    pub persist: Option<Persist>,
 }
 
 impl CaptureConfig {
     pub fn new(cgroups: Vec<PathBuf>) -> Self {
-        CaptureConfig { cgroups, max_flows: DEFAULT_MAX_FLOWS }
+        CaptureConfig { cgroups, max_flows: DEFAULT_MAX_FLOWS, persist: None }
     }
 }
 
-/// A running capture. Dropping it detaches every program.
+/// Where a capture keeps what must outlive its process. Maps and links are pinned under
+/// `pin_dir/v<LAYOUT_VERSION>/` (on a bpffs): the programs stay attached and keep counting while
+/// no recorder runs, and the next capture with the same directories reopens them instead of
+/// attaching twice. DNS names and the window's start go to `state_dir` (a node-local directory).
+/// A clean [`Capture::stop`] removes both; a killed recorder leaves them for the next one.
+#[derive(Clone, Debug)]
+pub struct Persist {
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// The maps a persistent capture pins (all of the object's).
+const MAPS: [&str; 7] = ["AUDITED", "FLOWS", "LISTEN", "LOSSES", "CONFIG", "DNS", "SOCKS"];
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// A running capture. Dropping it detaches every program it attached without pinning.
 pub struct Capture {
     ebpf: Ebpf,
     sources: Vec<Source>,
     dns: DnsNames,
     started: SystemTime,
+    persisted: Option<Persisted>,
+}
+
+struct Persisted {
+    /// `pin_dir/v<LAYOUT_VERSION>`.
+    pins: PathBuf,
+    state_file: PathBuf,
+    /// Pinned links of this capture's cgroups, this run's and earlier runs'.
+    links: Vec<PathBuf>,
+    /// What was last written to the state file (written again only on change).
+    saved_names: usize,
+}
+
+/// DNS names and the window's start, kept across recorder restarts.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    started: String,
+    names: DnsNames,
 }
 
 /// Counts for a progress line.
@@ -73,8 +113,39 @@ impl Capture {
         cgroup::reject_nesting(&dirs)?;
         raise_memlock_limit();
 
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("FLOWS", config.max_flows.max(1))
+        let mut started = SystemTime::now();
+        let mut dns = DnsNames::default();
+        let persisted = match &config.persist {
+            None => None,
+            Some(p) => {
+                let pins = p.pin_dir.join(format!("v{LAYOUT_VERSION}"));
+                check_bpffs(&p.pin_dir)?;
+                for d in [pins.join("maps"), pins.join("links")] {
+                    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                }
+                std::fs::create_dir_all(&p.state_dir).with_context(|| format!("creating {}", p.state_dir.display()))?;
+                let state_file = p.state_dir.join("capture-state.json");
+                if let Ok(text) = std::fs::read_to_string(&state_file) {
+                    let saved: SavedState = serde_json::from_str(&text).with_context(|| {
+                        format!("{}: not a netaudit capture state; remove it", state_file.display())
+                    })?;
+                    started = humantime::parse_rfc3339(&saved.started).unwrap_or(started);
+                    dns = saved.names;
+                    tracing::info!("resuming the capture pinned in {}", pins.display());
+                }
+                Some(Persisted { pins, state_file, links: Vec::new(), saved_names: usize::MAX })
+            }
+        };
+        let map_pins: Vec<(&str, PathBuf)> = match &persisted {
+            Some(p) => MAPS.iter().map(|m| (*m, p.pins.join("maps").join(m))).collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("FLOWS", config.max_flows.max(1));
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root, with BPF enabled in this kernel?)")?;
 
@@ -118,22 +189,50 @@ impl Capture {
             let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("loading program {name}"))?;
         }
-        for dir in &dirs {
+        let mut persisted = persisted;
+        for (dir, source) in dirs.iter().zip(&sources) {
             let cg = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
             for (name, attach) in SKB_PROGRAMS {
+                let link_pin =
+                    persisted.as_ref().map(|p| p.pins.join("links").join(format!("{}-{name}", source.cgroup_id)));
+                if link_pin.as_ref().is_some_and(|l| l.exists()) {
+                    // Still attached by an earlier run: its program keeps counting into the same maps.
+                    persisted.as_mut().expect("pinned").links.push(link_pin.expect("pinned"));
+                    continue;
+                }
                 let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
                 // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
-                prog.attach(&cg, attach, CgroupAttachMode::Single)
+                let id = prog
+                    .attach(&cg, attach, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+                if let Some(path) = link_pin {
+                    let link: FdLink = prog.take_link(id)?.try_into()?;
+                    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                    persisted.as_mut().expect("pinned").links.push(path);
+                }
             }
             for name in BIND_PROGRAMS {
+                let link_pin =
+                    persisted.as_ref().map(|p| p.pins.join("links").join(format!("{}-{name}", source.cgroup_id)));
+                if link_pin.as_ref().is_some_and(|l| l.exists()) {
+                    persisted.as_mut().expect("pinned").links.push(link_pin.expect("pinned"));
+                    continue;
+                }
                 let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
-                prog.attach(&cg, CgroupAttachMode::Single)
+                let id = prog
+                    .attach(&cg, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+                if let Some(path) = link_pin {
+                    let link: FdLink = prog.take_link(id)?.try_into()?;
+                    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                    persisted.as_mut().expect("pinned").links.push(path);
+                }
             }
         }
         tracing::debug!(cgroups = ?sources, "attached");
-        Ok(Capture { ebpf, sources, dns: DnsNames::default(), started: SystemTime::now() })
+        let mut capture = Capture { ebpf, sources, dns, started, persisted };
+        capture.save_state()?;
+        Ok(capture)
     }
 
     /// The audited cgroups.
@@ -153,6 +252,21 @@ impl Capture {
             let len = (event.len as usize).min(event.data.len());
             self.dns.add_message(&event.data[..len]);
         }
+        self.save_state()
+    }
+
+    /// Writes the DNS names and the window's start to the state file when they changed.
+    fn save_state(&mut self) -> Result<()> {
+        let Some(p) = &mut self.persisted else { return Ok(()) };
+        if p.saved_names == self.dns.len() {
+            return Ok(());
+        }
+        let state = SavedState { started: rfc3339(self.started), names: self.dns.clone() };
+        let dir = p.state_file.parent().expect("state file has a directory");
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, serde_json::to_string(&state)?.as_bytes())?;
+        tmp.persist(&p.state_file).with_context(|| format!("writing {}", p.state_file.display()))?;
+        p.saved_names = self.dns.len();
         Ok(())
     }
 
@@ -198,9 +312,23 @@ impl Capture {
         })
     }
 
-    /// Takes the final snapshot and detaches.
+    /// Takes the final snapshot and detaches; a persistent capture also removes its pins and state.
     pub fn stop(mut self) -> Result<FlowFile> {
         let file = self.snapshot()?;
+        if let Some(p) = self.persisted.take() {
+            for link in &p.links {
+                // Unpinning and dropping the link detaches the program.
+                let pinned = PinnedLink::from_pin(link).with_context(|| format!("opening {}", link.display()))?;
+                drop(pinned.unpin().with_context(|| format!("unpinning {}", link.display()))?);
+            }
+            for m in MAPS {
+                let _ = std::fs::remove_file(p.pins.join("maps").join(m));
+            }
+            for d in [p.pins.join("maps"), p.pins.join("links"), p.pins.clone()] {
+                let _ = std::fs::remove_dir(d);
+            }
+            let _ = std::fs::remove_file(&p.state_file);
+        }
         drop(self);
         Ok(file)
     }
@@ -218,6 +346,23 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// Pins must live on a bpffs; say how to get one rather than failing in the middle of a pin.
+fn check_bpffs(dir: &std::path::Path) -> Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).context("pin directory path")?;
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        anyhow::bail!("pin directory {}: {}", dir.display(), std::io::Error::last_os_error());
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        anyhow::bail!(
+            "pin directory {} is not on a bpffs: mount one (`mount -t bpf bpf /sys/fs/bpf`) and pin below it",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// A connection between two sockets of one audited cgroup passes its egress hook at the client

@@ -68,16 +68,18 @@ struct ManifestsArgs {
 
 fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
     use netaudit::agent::manifests::{Options, bundle_yaml};
-    let mut o = Options::default();
-    o.namespace = a.namespace;
-    if let Some(i) = a.image {
-        o.image = i;
-    }
-    if !a.apiserver_cidrs.is_empty() {
-        o.apiserver_cidrs = a.apiserver_cidrs.iter().map(|c| c.trunc().to_string()).collect();
-    }
-    o.apiserver_port = a.apiserver_port;
-    o.metrics_from_namespace = a.metrics_from_namespace;
+    let defaults = Options::default();
+    let o = Options {
+        namespace: a.namespace,
+        image: a.image.unwrap_or(defaults.image),
+        apiserver_cidrs: if a.apiserver_cidrs.is_empty() {
+            defaults.apiserver_cidrs
+        } else {
+            a.apiserver_cidrs.iter().map(|c| c.trunc().to_string()).collect()
+        },
+        apiserver_port: a.apiserver_port,
+        metrics_from_namespace: a.metrics_from_namespace,
+    };
     std::io::stdout().lock().write_all(bundle_yaml(&o)?.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use netaudit::{
-    capture::{Capture, CaptureConfig, DEFAULT_MAX_FLOWS, cgroup},
+    capture::{Capture, CaptureConfig, DEFAULT_MAX_FLOWS, Persist, cgroup},
     model::FlowFile,
 };
 
@@ -38,6 +38,13 @@ pub struct Args {
     /// Capacity of the in-kernel flow map; flows beyond it are counted as lost.
     #[arg(long, default_value_t = DEFAULT_MAX_FLOWS)]
     max_flows: u32,
+    /// Keep recording across a crash: pin the maps and links here (on a bpffs). A killed
+    /// recorder's programs keep counting; the next `record` with the same directories resumes.
+    #[arg(long, value_name = "DIR", requires = "state_dir")]
+    pin_dir: Option<PathBuf>,
+    /// With --pin-dir: where DNS names and the window's start are kept across restarts.
+    #[arg(long, value_name = "DIR", requires = "pin_dir")]
+    state_dir: Option<PathBuf>,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -63,7 +70,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()?;
     cgroup::reject_nesting(&cgroups).map_err(|e| BadInput(format!("--cgroup: {e:#}")))?;
     netaudit::capture::preflight()?;
-    let config = CaptureConfig { cgroups, max_flows: args.max_flows };
+    let persist = match (&args.pin_dir, &args.state_dir) {
+        (Some(pin_dir), Some(state_dir)) => {
+            if !pin_dir.is_dir() {
+                return Err(BadInput(format!(
+                    "--pin-dir {}: no such directory (mount a bpffs there)",
+                    pin_dir.display()
+                ))
+                .into());
+            }
+            Some(Persist { pin_dir: pin_dir.clone(), state_dir: state_dir.clone() })
+        }
+        _ => None,
+    };
+    let config = CaptureConfig { cgroups, max_flows: args.max_flows, persist };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handlers")?;
