@@ -235,3 +235,36 @@ fn icmp_echo_is_one_flow_per_peer_initiated_by_the_requester() {
     assert_eq!((find(&file, &v4).packets_from_src, find(&file, &v4).packets_from_dst), (3, 3));
     assert_eq!((find(&file, &v6).packets_from_src, find(&file, &v6).packets_from_dst), (2, 2));
 }
+
+#[test]
+fn pods_are_attached_and_detached_while_recording() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let (first, second) = (test_cgroup().unwrap(), test_cgroup().unwrap());
+    let tcp =
+        |cg: &Cgroup, n: &str| helper(&lab.pod, Some(&cg.path), &["tcp", "192.0.2.2:80", n]).unwrap().finish().unwrap();
+    let mut capture = Capture::start(&CaptureConfig::new(vec![first.path.clone()])).unwrap();
+    tcp(&first, "1");
+    // A second pod starts: attach to it.
+    capture.add_cgroup(&second.path).unwrap();
+    tcp(&second, "2");
+    // The first pod goes: detach; its later traffic is not recorded, its earlier flow stays.
+    capture.remove_cgroup(&first.path).unwrap();
+    tcp(&first, "4");
+    // A cgroup inside an audited one would count twice: refused.
+    let nested = second.path.join("container");
+    std::fs::create_dir(&nested).unwrap();
+    let err = capture.add_cgroup(&nested).unwrap_err();
+    std::fs::remove_dir(&nested).unwrap();
+    assert!(format!("{err:#}").contains("inside"), "{err:#}");
+    assert_eq!(capture.attached(), std::slice::from_ref(&second.path));
+    let file = capture.stop().unwrap();
+    let connections = |cg: &Cgroup| {
+        file.flows.iter().find(|f| f.cgroup.as_deref() == Some(cg.path.to_str().unwrap())).map(|f| f.connections)
+    };
+    assert_eq!((connections(&first), connections(&second)), (Some(1), Some(2)), "{:#?}", file.flows);
+    assert_eq!(file.sources.len(), 2);
+}

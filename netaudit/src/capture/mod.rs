@@ -19,6 +19,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        cgroup_skb::CgroupSkbLinkId,
+        cgroup_sock::CgroupSockLinkId,
         links::{FdLink, PinnedLink},
     },
 };
@@ -75,18 +77,29 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// A running capture. Dropping it detaches every program it attached without pinning.
 pub struct Capture {
     ebpf: Ebpf,
+    /// Every cgroup audited during this capture (also those detached since: their flows stay).
     sources: Vec<Source>,
+    /// The cgroups audited now, by cgroup id.
+    attached: BTreeMap<u64, Attached>,
     dns: DnsNames,
     started: SystemTime,
     persisted: Option<Persisted>,
+    ephemeral: (u16, u16),
+    mount: PathBuf,
+}
+
+/// One audited cgroup's links: owned by the programs, or pinned (persistent captures).
+struct Attached {
+    dir: PathBuf,
+    skb: Vec<(&'static str, CgroupSkbLinkId)>,
+    sock: Vec<(&'static str, CgroupSockLinkId)>,
+    pinned: Vec<PathBuf>,
 }
 
 struct Persisted {
     /// `pin_dir/v<LAYOUT_VERSION>`.
     pins: PathBuf,
     state_file: PathBuf,
-    /// Pinned links of this capture's cgroups, this run's and earlier runs'.
-    links: Vec<PathBuf>,
     /// What was last written to the state file (written again only on change).
     saved_names: usize,
 }
@@ -133,7 +146,7 @@ impl Capture {
                     dns = saved.names;
                     tracing::info!("resuming the capture pinned in {}", pins.display());
                 }
-                Some(Persisted { pins, state_file, links: Vec::new(), saved_names: usize::MAX })
+                Some(Persisted { pins, state_file, saved_names: usize::MAX })
             }
         };
         let map_pins: Vec<(&str, PathBuf)> = match &persisted {
@@ -156,31 +169,6 @@ impl Capture {
             cfg.set(config::EPHEMERAL_HIGH, ephemeral.1 as u32, 0)?;
         }
 
-        let mut sources = Vec::new();
-        for dir in &dirs {
-            let id = cgroup::cgroup_id(dir)?;
-            sources.push(Source { cgroup: dir.display().to_string(), cgroup_id: id });
-            let mut audited: HashMap<_, u64, u8> = HashMap::try_from(ebpf.map_mut("AUDITED").context("map AUDITED")?)?;
-            audited.insert(id, 1, 0)?;
-            // Seed the serving ports before attaching, so the first packet of a connection that
-            // is already open is classified right.
-            let mut listen: HashMap<_, ListenKey, u8> =
-                HashMap::try_from(ebpf.map_mut("LISTEN").context("map LISTEN")?)?;
-            let serving = sockets::serving_ports(&cgroup::pids_under(dir), ephemeral);
-            if !serving.unreadable.is_empty() {
-                tracing::warn!(
-                    "cannot read the sockets of process(es) {:?} in {} (they belong to another user: reading them \
-                     needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH); connections they opened before recording may \
-                     be recorded with the wrong initiator",
-                    serving.unreadable,
-                    dir.display()
-                );
-            }
-            for (protocol, port) in serving.ports {
-                listen.insert(ListenKey { cgroup_id: id, port, protocol, _pad: [0; 5] }, 1, 0)?;
-            }
-        }
-
         for (name, _) in SKB_PROGRAMS {
             let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
@@ -189,50 +177,123 @@ impl Capture {
             let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("loading program {name}"))?;
         }
-        let mut persisted = persisted;
-        for (dir, source) in dirs.iter().zip(&sources) {
-            let cg = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
-            for (name, attach) in SKB_PROGRAMS {
-                let link_pin =
-                    persisted.as_ref().map(|p| p.pins.join("links").join(format!("{}-{name}", source.cgroup_id)));
-                if link_pin.as_ref().is_some_and(|l| l.exists()) {
-                    // Still attached by an earlier run: its program keeps counting into the same maps.
-                    persisted.as_mut().expect("pinned").links.push(link_pin.expect("pinned"));
-                    continue;
-                }
-                let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
-                // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
-                let id = prog
-                    .attach(&cg, attach, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to {}", dir.display()))?;
-                if let Some(path) = link_pin {
-                    let link: FdLink = prog.take_link(id)?.try_into()?;
-                    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-                    persisted.as_mut().expect("pinned").links.push(path);
-                }
-            }
-            for name in BIND_PROGRAMS {
-                let link_pin =
-                    persisted.as_ref().map(|p| p.pins.join("links").join(format!("{}-{name}", source.cgroup_id)));
-                if link_pin.as_ref().is_some_and(|l| l.exists()) {
-                    persisted.as_mut().expect("pinned").links.push(link_pin.expect("pinned"));
-                    continue;
-                }
-                let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
-                let id = prog
-                    .attach(&cg, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to {}", dir.display()))?;
-                if let Some(path) = link_pin {
-                    let link: FdLink = prog.take_link(id)?.try_into()?;
-                    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-                    persisted.as_mut().expect("pinned").links.push(path);
-                }
-            }
+        let mut capture =
+            Capture { ebpf, sources: Vec::new(), attached: BTreeMap::new(), dns, started, persisted, ephemeral, mount };
+        for dir in &dirs {
+            capture.add_cgroup(dir)?;
         }
-        tracing::debug!(cgroups = ?sources, "attached");
-        let mut capture = Capture { ebpf, sources, dns, started, persisted };
         capture.save_state()?;
         Ok(capture)
+    }
+
+    /// Starts auditing one more cgroup (a pod that just started): marks it audited, seeds its
+    /// serving ports from a socket snapshot, and attaches the programs (pinned when persistent;
+    /// a link an earlier run pinned is taken over, not attached twice).
+    pub fn add_cgroup(&mut self, dir: &std::path::Path) -> Result<Source> {
+        let dir = cgroup::validate(dir, &self.mount)?;
+        let mut all: Vec<PathBuf> = self.attached.values().map(|a| a.dir.clone()).collect();
+        all.push(dir.clone());
+        cgroup::reject_nesting(&all)?;
+        let id = cgroup::cgroup_id(&dir)?;
+        let source = Source { cgroup: dir.display().to_string(), cgroup_id: id };
+        if self.attached.contains_key(&id) {
+            return Ok(source);
+        }
+        let mut audited: HashMap<_, u64, u8> = HashMap::try_from(self.ebpf.map_mut("AUDITED").context("map AUDITED")?)?;
+        audited.insert(id, 1, 0)?;
+        // Seed the serving ports before attaching, so the first packet of a connection that is
+        // already open is classified right.
+        let mut listen: HashMap<_, ListenKey, u8> =
+            HashMap::try_from(self.ebpf.map_mut("LISTEN").context("map LISTEN")?)?;
+        let serving = sockets::serving_ports(&cgroup::pids_under(&dir), self.ephemeral);
+        if !serving.unreadable.is_empty() {
+            tracing::warn!(
+                "cannot read the sockets of process(es) {:?} in {} (they belong to another user: reading them \
+                 needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH); connections they opened before recording may be \
+                 recorded with the wrong initiator",
+                serving.unreadable,
+                dir.display()
+            );
+        }
+        for (protocol, port) in serving.ports {
+            listen.insert(ListenKey { cgroup_id: id, port, protocol, _pad: [0; 5] }, 1, 0)?;
+        }
+        let cg = File::open(&dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
+        let mut links = Attached { dir: dir.clone(), skb: Vec::new(), sock: Vec::new(), pinned: Vec::new() };
+        for (name, attach) in SKB_PROGRAMS {
+            let pin = self.link_pin(id, name);
+            if pin.as_ref().is_some_and(|l| l.exists()) {
+                // Still attached by an earlier run: its program keeps counting into the same maps.
+                links.pinned.push(pin.expect("pinned"));
+                continue;
+            }
+            let prog: &mut CgroupSkb = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
+            let link = prog
+                .attach(&cg, attach, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+            match pin {
+                Some(path) => {
+                    let fd: FdLink = prog.take_link(link)?.try_into()?;
+                    fd.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                    links.pinned.push(path);
+                }
+                None => links.skb.push((name, link)),
+            }
+        }
+        for name in BIND_PROGRAMS {
+            let pin = self.link_pin(id, name);
+            if pin.as_ref().is_some_and(|l| l.exists()) {
+                links.pinned.push(pin.expect("pinned"));
+                continue;
+            }
+            let prog: &mut CgroupSock = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            let link = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", dir.display()))?;
+            match pin {
+                Some(path) => {
+                    let fd: FdLink = prog.take_link(link)?.try_into()?;
+                    fd.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                    links.pinned.push(path);
+                }
+                None => links.sock.push((name, link)),
+            }
+        }
+        tracing::debug!(cgroup = %dir.display(), id, "attached");
+        self.attached.insert(id, links);
+        if !self.sources.iter().any(|s| s.cgroup_id == id) {
+            self.sources.push(source.clone());
+        }
+        Ok(source)
+    }
+
+    /// Stops auditing a cgroup (its pod went away): detaches the programs and unpins their
+    /// links. The flows already recorded for it stay in the report.
+    pub fn remove_cgroup(&mut self, dir: &std::path::Path) -> Result<()> {
+        let Some((&id, _)) = self.attached.iter().find(|(_, a)| a.dir == dir) else { return Ok(()) };
+        let links = self.attached.remove(&id).expect("found");
+        for (name, link) in links.skb {
+            let prog: &mut CgroupSkb = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            prog.detach(link).with_context(|| format!("detaching {name} from {}", dir.display()))?;
+        }
+        for (name, link) in links.sock {
+            let prog: &mut CgroupSock = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            prog.detach(link).with_context(|| format!("detaching {name} from {}", dir.display()))?;
+        }
+        unpin_links(&links.pinned)?;
+        let mut audited: HashMap<_, u64, u8> = HashMap::try_from(self.ebpf.map_mut("AUDITED").context("map AUDITED")?)?;
+        let _ = audited.remove(&id);
+        Ok(())
+    }
+
+    fn link_pin(&self, cgroup_id: u64, program: &str) -> Option<PathBuf> {
+        self.persisted.as_ref().map(|p| p.pins.join("links").join(format!("{cgroup_id}-{program}")))
+    }
+
+    /// The cgroups currently audited.
+    pub fn attached(&self) -> Vec<PathBuf> {
+        self.attached.values().map(|a| a.dir.clone()).collect()
     }
 
     /// The audited cgroups.
@@ -316,10 +377,8 @@ impl Capture {
     pub fn stop(mut self) -> Result<FlowFile> {
         let file = self.snapshot()?;
         if let Some(p) = self.persisted.take() {
-            for link in &p.links {
-                // Unpinning and dropping the link detaches the program.
-                let pinned = PinnedLink::from_pin(link).with_context(|| format!("opening {}", link.display()))?;
-                drop(pinned.unpin().with_context(|| format!("unpinning {}", link.display()))?);
+            for a in self.attached.values() {
+                unpin_links(&a.pinned)?;
             }
             for m in MAPS {
                 let _ = std::fs::remove_file(p.pins.join("maps").join(m));
@@ -346,6 +405,15 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// Unpinning a pinned link and dropping it detaches its program.
+fn unpin_links(paths: &[PathBuf]) -> Result<()> {
+    for link in paths {
+        let pinned = PinnedLink::from_pin(link).with_context(|| format!("opening {}", link.display()))?;
+        drop(pinned.unpin().with_context(|| format!("unpinning {}", link.display()))?);
+    }
+    Ok(())
 }
 
 /// Pins must live on a bpffs; say how to get one rather than failing in the middle of a pin.
