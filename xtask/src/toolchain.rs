@@ -119,14 +119,23 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
         nightly.llvm_major,
         dir.display()
     ));
-    let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
-        .args(["--features", &format!("llvm-{}", nightly.llvm_major)])
-        .arg("--root")
-        .arg(&dir)
-        .env("LLVM_PREFIX", &prefix)
-        .status()
-        .context("running `cargo install bpf-linker`")?;
+    let install = || {
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+            .args(["--features", &format!("llvm-{}", nightly.llvm_major)])
+            .arg("--root")
+            .arg(&dir)
+            .env("LLVM_PREFIX", &prefix)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .context("running `cargo install bpf-linker`")
+    };
+    let mut status = install()?;
+    if !status.success() {
+        // Seen once on these machines: a transient failure of cargo's rustc probe. Once more.
+        say("building bpf-linker failed; retrying once");
+        status = install()?;
+    }
     if !status.success() {
         bail!(
             "building bpf-linker failed; it needs crates.io and the nightly's libLLVM at {} \

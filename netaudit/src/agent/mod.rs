@@ -1,8 +1,10 @@
 //! The DaemonSet agent's building blocks (issue 6, in progress): finding the target pods'
-//! cgroups on this node, the capabilities it needs (measured), and its install bundle. The API
+//! cgroups on this node, the capabilities it needs (measured), its install bundle, and watch
+//! mode's drift alerts (deduplicated, rate-limited). The API
 //! watches, live inventory, drift alerts and state persistence come next.
 
 pub mod cgroups;
+pub mod drift;
 pub mod manifests;
 
 /// The Linux capabilities the agent needs, as measured on kernel 6.18 (tests/tests/capabilities.rs
