@@ -98,13 +98,12 @@ fn run(args: &[String]) -> Result<()> {
 /// Runs cargo (stable, the workspace default) with the bootstrap's PATH.
 fn cargo(root: &Path, env: &toolchain::Env, args: &[&str], extra: &[String]) -> Result<()> {
     say(&format!("cargo {} {}", args.join(" "), extra.join(" ")));
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")))
-        .current_dir(root)
-        .args(args)
-        .args(extra)
-        .env("PATH", &env.path)
-        .status()
-        .context("running cargo")?;
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    for k in toolchain::JOBSERVER_ENV {
+        cmd.env_remove(k);
+    }
+    let status =
+        cmd.current_dir(root).args(args).args(extra).env("PATH", &env.path).status().context("running cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

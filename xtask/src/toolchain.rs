@@ -126,13 +126,15 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
             .arg("--root")
             .arg(&dir)
             .env("LLVM_PREFIX", &prefix)
+            .env_remove(JOBSERVER_ENV[0])
+            .env_remove(JOBSERVER_ENV[1])
+            .env_remove(JOBSERVER_ENV[2])
             .stdin(std::process::Stdio::null())
             .status()
             .context("running `cargo install bpf-linker`")
     };
     let mut status = install()?;
     if !status.success() {
-        // Seen once on these machines: a transient failure of cargo's rustc probe. Once more.
         say("building bpf-linker failed; retrying once");
         status = install()?;
     }
@@ -183,3 +185,8 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+/// The jobserver `cargo run` hands to `cargo xtask`. A nested cargo must not inherit it: its fd
+/// numbers can name other files by then (seen here: under `bash -c 'set -e; cargo xtask …'`, as
+/// `.ci/run` runs it, tokens went into a rustc probe's stdin and bpf-linker's build failed).
+pub const JOBSERVER_ENV: [&str; 3] = ["CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];

@@ -1,7 +1,9 @@
 //! The DaemonSet agent's building blocks (issue 6, in progress): finding the target pods'
 //! cgroups on this node, the capabilities it needs (measured), its install bundle, and watch
-//! mode's drift alerts (deduplicated, rate-limited). The API
-//! watches, live inventory, drift alerts and state persistence come next.
+//! mode's drift alerts (deduplicated, rate-limited). Attaching to and detaching from pods at run
+//! time and surviving SIGKILL live in `capture` (`add_cgroup`, `remove_cgroup`, `Persist`). The
+//! `netaudit agent` command (kube-rs watches, live inventory, Events, metrics, FlowReports) is
+//! next.
 
 pub mod cgroups;
 pub mod drift;
