@@ -95,15 +95,30 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs cargo (stable, the workspace default) with the bootstrap's PATH.
+/// Runs cargo (stable, the workspace default) with the bootstrap's PATH. A failed `build` is
+/// tried once more: on these machines a nested cargo's rustc probe (`rustc -`, in the eBPF build
+/// script) has intermittently read garbage instead of its empty input, failing a build that
+/// passes when run again. Tests are never retried: their failures must show.
 fn cargo(root: &Path, env: &toolchain::Env, args: &[&str], extra: &[String]) -> Result<()> {
     say(&format!("cargo {} {}", args.join(" "), extra.join(" ")));
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
-    for k in toolchain::JOBSERVER_ENV {
-        cmd.env_remove(k);
+    let run = || {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+        for k in toolchain::JOBSERVER_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.current_dir(root)
+            .args(args)
+            .args(extra)
+            .env("PATH", &env.path)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .context("running cargo")
+    };
+    let mut status = run()?;
+    if !status.success() && args.first() == Some(&"build") {
+        say(&format!("`cargo {}` failed ({status}); trying once more", args.join(" ")));
+        status = run()?;
     }
-    let status =
-        cmd.current_dir(root).args(args).args(extra).env("PATH", &env.path).status().context("running cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

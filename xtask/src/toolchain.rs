@@ -135,6 +135,7 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
     };
     let mut status = install()?;
     if !status.success() {
+        // The intermittent rustc-probe failure described at `cargo()` in main.rs.
         say("building bpf-linker failed; retrying once");
         status = install()?;
     }
@@ -186,7 +187,7 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// The jobserver `cargo run` hands to `cargo xtask`. A nested cargo must not inherit it: its fd
-/// numbers can name other files by then (seen here: under `bash -c 'set -e; cargo xtask …'`, as
-/// `.ci/run` runs it, tokens went into a rustc probe's stdin and bpf-linker's build failed).
+/// The jobserver `cargo run` hands to `cargo xtask`; the nested cargos get their own. (Removed
+/// while chasing an intermittent failure of nested rustc probes reading garbage on stdin; it did
+/// not cure that alone — see `cargo()` in main.rs — but a nested cargo has no use for it.)
 pub const JOBSERVER_ENV: [&str; 3] = ["CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];
