@@ -95,15 +95,14 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs cargo (stable, the workspace default) with the bootstrap's PATH. A failed `build` is
-/// tried once more: on these machines a nested cargo's rustc probe (`rustc -`, in the eBPF build
-/// script) has intermittently read garbage instead of its empty input, failing a build that
-/// passes when run again. Tests are never retried: their failures must show.
+/// Runs cargo (stable, the workspace default) with the bootstrap's PATH, without the environment
+/// that breaks nested cargos (`toolchain::NESTED_CARGO_ENV_REMOVE`). A failed `build` is tried
+/// once more, saying so; tests are never retried: their failures must show.
 fn cargo(root: &Path, env: &toolchain::Env, args: &[&str], extra: &[String]) -> Result<()> {
     say(&format!("cargo {} {}", args.join(" "), extra.join(" ")));
     let run = || {
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
-        for k in toolchain::JOBSERVER_ENV {
+        for k in toolchain::NESTED_CARGO_ENV_REMOVE {
             cmd.env_remove(k);
         }
         cmd.current_dir(root)

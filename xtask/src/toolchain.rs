@@ -126,16 +126,16 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
             .arg("--root")
             .arg(&dir)
             .env("LLVM_PREFIX", &prefix)
-            .env_remove(JOBSERVER_ENV[0])
-            .env_remove(JOBSERVER_ENV[1])
-            .env_remove(JOBSERVER_ENV[2])
+            .env_remove(NESTED_CARGO_ENV_REMOVE[0])
+            .env_remove(NESTED_CARGO_ENV_REMOVE[1])
+            .env_remove(NESTED_CARGO_ENV_REMOVE[2])
+            .env_remove(NESTED_CARGO_ENV_REMOVE[3])
             .stdin(std::process::Stdio::null())
             .status()
             .context("running `cargo install bpf-linker`")
     };
     let mut status = install()?;
     if !status.success() {
-        // The intermittent rustc-probe failure described at `cargo()` in main.rs.
         say("building bpf-linker failed; retrying once");
         status = install()?;
     }
@@ -187,7 +187,9 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// The jobserver `cargo run` hands to `cargo xtask`; the nested cargos get their own. (Removed
-/// while chasing an intermittent failure of nested rustc probes reading garbage on stdin; it did
-/// not cure that alone — see `cargo()` in main.rs — but a nested cargo has no use for it.)
-pub const JOBSERVER_ENV: [&str; 3] = ["CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];
+/// Environment a nested cargo must not inherit. `RUSTUP_AUTO_INSTALL=0` (set on these machines)
+/// made nested rustc probes (`rustc -`, input on stdin) intermittently parse garbage — the stderr
+/// of an earlier `#![feature]` probe — failing bpf-linker's and the eBPF crate's builds; bisected
+/// on a fresh clone under `.ci/run`. The toolchains needed are installed, so nothing is fetched.
+/// The jobserver `cargo run` hands to `cargo xtask` is of no use to a nested cargo either.
+pub const NESTED_CARGO_ENV_REMOVE: [&str; 4] = ["RUSTUP_AUTO_INSTALL", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];
