@@ -187,9 +187,8 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// Environment a nested cargo must not inherit. `RUSTUP_AUTO_INSTALL=0` (set on these machines)
-/// made nested rustc probes (`rustc -`, input on stdin) intermittently parse garbage — the stderr
-/// of an earlier `#![feature]` probe — failing bpf-linker's and the eBPF crate's builds; bisected
-/// on a fresh clone under `.ci/run`. The toolchains needed are installed, so nothing is fetched.
-/// The jobserver `cargo run` hands to `cargo xtask` is of no use to a nested cargo either.
+/// Environment a nested cargo does not need: the jobserver `cargo run` hands to `cargo xtask`,
+/// and rustup's auto-install switch (the toolchains needed are installed). Removed while chasing
+/// nested rustc probes that parsed garbage on stdin on the development machine — which turned
+/// out to be that machine's state (an older commit failed the same way); kept as hygiene.
 pub const NESTED_CARGO_ENV_REMOVE: [&str; 4] = ["RUSTUP_AUTO_INSTALL", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];
