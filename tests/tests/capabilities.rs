@@ -7,7 +7,7 @@ use std::process::Command;
 use netaudit::agent::CAPABILITIES;
 use netaudit_tests::{netaudit_bin, require_kernel, test_cgroup};
 
-fn record_with(caps: &[&str], pid: &str) -> (bool, String) {
+fn record_with(caps: &[&str], pid: &str, out: &std::path::Path) -> (bool, String) {
     let bounding: String = std::iter::once("-all".to_string())
         .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
         .collect::<Vec<_>>()
@@ -15,7 +15,8 @@ fn record_with(caps: &[&str], pid: &str) -> (bool, String) {
     let out = Command::new("setpriv")
         .args(["--bounding-set", &bounding, "--inh-caps", "-all", "--"])
         .arg(netaudit_bin())
-        .args(["record", "--pid", pid, "--duration", "1", "--output", "/dev/null"])
+        .args(["record", "--pid", pid, "--duration", "1", "--output"])
+        .arg(out)
         .output()
         .expect("setpriv (util-linux)");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into())
@@ -39,12 +40,14 @@ fn the_measured_capabilities_are_enough_and_each_is_needed() {
     let pid = child.id().to_string();
     std::thread::sleep(std::time::Duration::from_millis(300));
 
-    let (ok, stderr) = record_with(&CAPABILITIES, &pid);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("flows.json");
+    let (ok, stderr) = record_with(&CAPABILITIES, &pid, &out);
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("cannot read the sockets"), "{stderr}");
     for drop in CAPABILITIES {
         let fewer: Vec<&str> = CAPABILITIES.iter().copied().filter(|c| *c != drop).collect();
-        let (ok, stderr) = record_with(&fewer, &pid);
+        let (ok, stderr) = record_with(&fewer, &pid, &out);
         assert!(!ok || stderr.contains("cannot read the sockets"), "without CAP_{drop} nothing changed: {stderr}");
     }
     let _ = child.kill();
