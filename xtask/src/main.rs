@@ -95,29 +95,16 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs cargo (stable, the workspace default) with the bootstrap's PATH, without the environment
-/// that breaks nested cargos (`toolchain::NESTED_CARGO_ENV_REMOVE`). A failed `build` is tried
-/// once more, saying so; tests are never retried: their failures must show.
+/// Runs cargo (stable, the workspace default) with the bootstrap's PATH.
 fn cargo(root: &Path, env: &toolchain::Env, args: &[&str], extra: &[String]) -> Result<()> {
     say(&format!("cargo {} {}", args.join(" "), extra.join(" ")));
-    let run = || {
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
-        for k in toolchain::NESTED_CARGO_ENV_REMOVE {
-            cmd.env_remove(k);
-        }
-        cmd.current_dir(root)
-            .args(args)
-            .args(extra)
-            .env("PATH", &env.path)
-            .stdin(std::process::Stdio::null())
-            .status()
-            .context("running cargo")
-    };
-    let mut status = run()?;
-    if !status.success() && args.first() == Some(&"build") {
-        say(&format!("`cargo {}` failed ({status}); trying once more", args.join(" ")));
-        status = run()?;
-    }
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")))
+        .current_dir(root)
+        .args(args)
+        .args(extra)
+        .env("PATH", &env.path)
+        .status()
+        .context("running cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

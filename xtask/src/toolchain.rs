@@ -119,26 +119,14 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
         nightly.llvm_major,
         dir.display()
     ));
-    let install = || {
-        Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
-            .args(["--features", &format!("llvm-{}", nightly.llvm_major)])
-            .arg("--root")
-            .arg(&dir)
-            .env("LLVM_PREFIX", &prefix)
-            .env_remove(NESTED_CARGO_ENV_REMOVE[0])
-            .env_remove(NESTED_CARGO_ENV_REMOVE[1])
-            .env_remove(NESTED_CARGO_ENV_REMOVE[2])
-            .env_remove(NESTED_CARGO_ENV_REMOVE[3])
-            .stdin(std::process::Stdio::null())
-            .status()
-            .context("running `cargo install bpf-linker`")
-    };
-    let mut status = install()?;
-    if !status.success() {
-        say("building bpf-linker failed; retrying once");
-        status = install()?;
-    }
+    let status = Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args(["--features", &format!("llvm-{}", nightly.llvm_major)])
+        .arg("--root")
+        .arg(&dir)
+        .env("LLVM_PREFIX", &prefix)
+        .status()
+        .context("running `cargo install bpf-linker`")?;
     if !status.success() {
         bail!(
             "building bpf-linker failed; it needs crates.io and the nightly's libLLVM at {} \
@@ -186,9 +174,3 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
-
-/// Environment a nested cargo does not need: the jobserver `cargo run` hands to `cargo xtask`,
-/// and rustup's auto-install switch (the toolchains needed are installed). Removed while chasing
-/// nested rustc probes that parsed garbage on stdin on the development machine — which turned
-/// out to be that machine's state (an older commit failed the same way); kept as hygiene.
-pub const NESTED_CARGO_ENV_REMOVE: [&str; 4] = ["RUSTUP_AUTO_INSTALL", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];
