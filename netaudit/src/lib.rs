@@ -18,5 +18,6 @@ pub mod inventory;
 pub mod lab;
 pub mod matrix;
 pub mod model;
+pub mod output;
 pub mod policy;
 pub mod propose;

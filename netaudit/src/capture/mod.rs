@@ -323,10 +323,7 @@ impl Capture {
             return Ok(());
         }
         let state = SavedState { started: rfc3339(self.started), names: self.dns.clone() };
-        let dir = p.state_file.parent().expect("state file has a directory");
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        std::io::Write::write_all(&mut tmp, serde_json::to_string(&state)?.as_bytes())?;
-        tmp.persist(&p.state_file).with_context(|| format!("writing {}", p.state_file.display()))?;
+        crate::output::write_atomically(&p.state_file, &serde_json::to_string(&state)?)?;
         p.saved_names = self.dns.len();
         Ok(())
     }

@@ -44,19 +44,19 @@ pub fn serving_ports(pids: &[u32], ephemeral: (u16, u16)) -> Serving {
     // Socket inodes owned by the processes, grouped by network namespace.
     let mut by_netns: HashMap<u64, (u32, HashSet<u64>)> = HashMap::new();
     for &pid in pids {
-        let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
-            // Gone in the meantime is fine; anything else means we are not allowed to look.
+        // A process gone in the meantime is fine; a live one we cannot look into is not.
+        let mut cannot_look = |pid: u32| {
             if fs::metadata(format!("/proc/{pid}")).is_ok() {
                 unreadable.push(pid);
             }
+        };
+        let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            cannot_look(pid);
             continue;
         };
         let entry = by_netns.entry(ns.ino()).or_insert_with(|| (pid, HashSet::new()));
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            // Gone in the meantime is fine; anything else means we are not allowed to look.
-            if fs::metadata(format!("/proc/{pid}")).is_ok() {
-                unreadable.push(pid);
-            }
+            cannot_look(pid);
             continue;
         };
         let mut denied = false;

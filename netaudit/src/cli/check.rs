@@ -220,12 +220,7 @@ fn table(r: &Report, matrix: &Matrix) -> String {
     order.sort_by_key(|v| (v.allowed, v.index));
     for v in order {
         let port = v.dst.port.map(|p| format!("/{p}")).unwrap_or_default();
-        let row = match (&v.matrix.row, v.matrix.unexpected) {
-            (Some(r), false) if v.matrix.also.is_empty() => r.clone(),
-            (Some(r), false) => format!("{r} (or {})", v.matrix.also.join(", ")),
-            (Some(r), true) => format!("{r} (off: unexpected)"),
-            (None, _) => "UNEXPECTED".into(),
-        };
+        let row = v.matrix.label();
         let names = |n: &Vec<String>| if n.is_empty() { String::new() } else { format!(" [{}]", n.join(", ")) };
         out += &format!(
             "{:<5} #{:<3} {:<7} {}{}  {} ({}) -> {} ({}){}  row: {}\n",

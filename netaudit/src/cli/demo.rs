@@ -197,11 +197,7 @@ fn summary(r: &Report, proposal_yaml: &str, engine: Engine, dir: &Path) -> Strin
     for v in &r.verdicts {
         let port = v.dst.port.map(|p| format!("/{p}")).unwrap_or_default();
         let names = if v.dst.names.is_empty() { String::new() } else { format!(" [{}]", v.dst.names.join(", ")) };
-        let row = match (&v.matrix.row, v.matrix.unexpected) {
-            (Some(r), false) => r.clone(),
-            (Some(r), true) => format!("{r} (off: UNEXPECTED)"),
-            (None, _) => "UNEXPECTED".into(),
-        };
+        let row = v.matrix.label();
         s += &format!(
             "  {:<7} {:<9} {} ({}) -> {} ({}){names}   row: {row}\n",
             format!("{:?}", v.direction).to_lowercase(),

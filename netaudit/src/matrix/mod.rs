@@ -122,6 +122,18 @@ pub struct Classification {
     pub why: Option<String>,
 }
 
+impl Classification {
+    /// `dns`, `remote-apiservers (or http-targets)`, `otlp (off: unexpected)`, `UNEXPECTED`.
+    pub fn label(&self) -> String {
+        match (&self.row, self.unexpected) {
+            (Some(r), false) if self.also.is_empty() => r.clone(),
+            (Some(r), false) => format!("{r} (or {})", self.also.join(", ")),
+            (Some(r), true) => format!("{r} (off: unexpected)"),
+            (None, _) => "UNEXPECTED".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct UnusedRow {
     pub id: String,
@@ -258,11 +270,8 @@ fn peer_fits(
     Ok(match kind {
         PeerKind::Any => true,
         PeerKind::Node => ends.iter().any(|e| matches!(e.owner, Owner::Node(_))) || (unknown && inv.nodes.is_empty()),
-        PeerKind::Apiserver => {
-            inv.is_apiserver(o.peer.ip)
-                || o.service
-                    .is_some_and(|s| (s.namespace.as_str(), s.name.as_str()) == crate::inventory::APISERVER_SERVICE)
-        }
+        // The apiserver's addresses include the `kubernetes` Service's ClusterIPs.
+        PeerKind::Apiserver => inv.is_apiserver(o.peer.ip),
         PeerKind::Dns => {
             o.peer.ip == NODE_LOCAL_DNS.parse::<IpAddr>().unwrap()
                 || o.service.is_some_and(|s| s.name == "kube-dns" || s.selector.as_ref().is_some_and(is_dns_labels))

@@ -109,20 +109,14 @@ pub struct Evidence {
 
 impl Evidence {
     fn add(&mut self, f: &Flow, seen: String) {
-        self.flows += 1;
-        self.connections += f.connections;
-        self.bytes += f.bytes;
-        if let Some(t) = &f.first_seen
-            && self.first_seen.as_ref().is_none_or(|x| t < x)
-        {
-            self.first_seen = Some(t.clone());
-        }
-        if let Some(t) = &f.last_seen
-            && self.last_seen.as_ref().is_none_or(|x| t > x)
-        {
-            self.last_seen = Some(t.clone());
-        }
-        self.seen.insert(seen);
+        self.merge(&Evidence {
+            flows: 1,
+            connections: f.connections,
+            bytes: f.bytes,
+            first_seen: f.first_seen.clone(),
+            last_seen: f.last_seen.clone(),
+            seen: BTreeSet::from([seen]),
+        });
     }
 
     fn merge(&mut self, o: &Evidence) {
