@@ -3,7 +3,7 @@
 //! A flow is a connection-level aggregate: `src` is always the side that opened the connection,
 //! `dst` the side that served it; the ephemeral client port is `null`.
 
-use std::{fmt, net::IpAddr, path::Path, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, str::FromStr};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -116,6 +116,34 @@ pub struct Endpoint {
     /// DNS names the audited workload resolved to this address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// Who this address is in the cluster, where known (the agent enriches flows live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+}
+
+/// The Kubernetes identity behind an address.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub kind: IdentityKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// A pod's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityKind {
+    Pod,
+    /// A Service's ClusterIP (before the dataplane translates it to a backend).
+    Service,
+    Node,
+    /// The apiserver's endpoint (also a node address on most clusters).
+    Apiserver,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -204,6 +232,35 @@ impl From<Protocol> for String {
 }
 
 impl FlowFile {
+    /// One file from several (pods, nodes, replicas): flows side by side, losses summed, the
+    /// window spanning all of them.
+    pub fn merge(files: impl IntoIterator<Item = FlowFile>) -> FlowFile {
+        let mut out =
+            FlowFile { version: FLOW_FILE_VERSION, window: None, sources: vec![], losses: Losses::default(), flows: vec![] };
+        for f in files {
+            let l = &mut out.losses;
+            l.flows += f.losses.flows;
+            l.packets += f.losses.packets;
+            l.bytes += f.losses.bytes;
+            l.dns_events += f.losses.dns_events;
+            l.unparsed_packets += f.losses.unparsed_packets;
+            for s in f.sources {
+                if !out.sources.contains(&s) {
+                    out.sources.push(s);
+                }
+            }
+            // RFC 3339 in UTC (as written here) orders as text.
+            if let Some(w) = f.window {
+                out.window = Some(match out.window.take() {
+                    None => w,
+                    Some(o) => Window { start: o.start.min(w.start), end: o.end.max(w.end) },
+                });
+            }
+            out.flows.extend(f.flows);
+        }
+        out
+    }
+
     /// Reads a flow file, naming the file, line and column of any problem.
     pub fn read(path: &Path) -> anyhow::Result<FlowFile> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading flow file {}", path.display()))?;

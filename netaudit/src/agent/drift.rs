@@ -141,8 +141,8 @@ mod tests {
     fn flow(dst: &str, port: u16, packets: u64) -> Flow {
         Flow {
             protocol: Protocol::Tcp,
-            src: Endpoint { ip: "10.0.0.5".parse().unwrap(), port: None, names: vec![] },
-            dst: Endpoint { ip: dst.parse().unwrap(), port: Some(port), names: vec![] },
+            src: Endpoint { ip: "10.0.0.5".parse().unwrap(), port: None, names: vec![], identity: None },
+            dst: Endpoint { ip: dst.parse().unwrap(), port: Some(port), names: vec![], identity: None },
             direction: Some(Direction::Egress),
             packets,
             bytes: packets * 100,

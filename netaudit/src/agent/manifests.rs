@@ -26,6 +26,7 @@ pub const GROUP: &str = "netaudit.dev";
 pub const FLOW_REPORTS: &str = "flowreports";
 /// The agent's metrics and health port.
 pub const METRICS_PORT: u16 = 9464;
+const CHART: &str = crate::chart::CHART_NAME;
 /// Where the agent keeps its state on the node (survives restarts and upgrades).
 pub const STATE_DIR: &str = "/var/lib/netaudit";
 
@@ -38,6 +39,10 @@ pub struct Options {
     pub apiserver_port: u16,
     /// The namespace Prometheus scrapes from.
     pub metrics_from_namespace: String,
+    /// The workloads to audit (`NAME=NAMESPACE/SELECTOR`, the agent's --target).
+    pub targets: Vec<String>,
+    /// learn or watch.
+    pub mode: String,
 }
 
 impl Default for Options {
@@ -48,6 +53,8 @@ impl Default for Options {
             apiserver_cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
             apiserver_port: 6443,
             metrics_from_namespace: "monitoring".into(),
+            targets: vec![format!("{CHART}=stageset-system/app.kubernetes.io/name={CHART}")],
+            mode: "learn".into(),
         }
     }
 }
@@ -141,10 +148,15 @@ fn daemonset(o: &Options, name: &str, labels: &Value) -> Value {
                     "containers": [{
                         "name": "agent",
                         "image": o.image,
-                        "args": ["agent", "--state-dir", STATE_DIR, "--listen", format!("0.0.0.0:{METRICS_PORT}")],
-                        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                        "args": ["agent", "--state-dir", STATE_DIR, "--listen", format!("0.0.0.0:{METRICS_PORT}"), "--log-format", "json", "--log", "info"],
+                        "env": [
+                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            // NAME=NAMESPACE/LABEL-SELECTOR, `;` between targets.
+                            {"name": "NETAUDIT_TARGETS", "value": o.targets.join(";")},
+                            {"name": "NETAUDIT_MODE", "value": o.mode},
+                        ],
                         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 10},
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 30},
                         "resources": {
                             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -177,7 +189,8 @@ fn daemonset(o: &Options, name: &str, labels: &Value) -> Value {
     })
 }
 
-/// FlowReport: one per audited pod, the flows its node's agent recorded.
+/// FlowReport: one per audited pod, the flows its node's agent recorded. Written only by the
+/// agent, so its data sits at the top level (as in a PolicyReport); see `reports`.
 fn flow_report_crd(labels: &Value) -> Value {
     let s = |t: &str| json!({"type": t});
     json!({
@@ -190,23 +203,25 @@ fn flow_report_crd(labels: &Value) -> Value {
             "versions": [{
                 "name": "v1alpha1", "served": true, "storage": true,
                 "additionalPrinterColumns": [
-                    {"name": "Pod", "type": "string", "jsonPath": ".spec.pod"},
-                    {"name": "Node", "type": "string", "jsonPath": ".spec.node"},
-                    {"name": "Flows", "type": "integer", "jsonPath": ".status.flowCount"},
+                    {"name": "Pod", "type": "string", "jsonPath": ".pod"},
+                    {"name": "Node", "type": "string", "jsonPath": ".node"},
+                    {"name": "Target", "type": "string", "jsonPath": ".target"},
+                    {"name": "Flows", "type": "integer", "jsonPath": ".flowCount"},
+                    {"name": "Truncated", "type": "integer", "jsonPath": ".truncated"},
+                    {"name": "Updated", "type": "date", "jsonPath": ".updated"},
                 ],
-                "subresources": {"status": {}},
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
+                    "required": ["pod", "node", "target", "flows"],
                     "properties": {
-                        "spec": {"type": "object", "required": ["pod", "node"], "properties": {
-                            "pod": s("string"), "node": s("string"), "podUID": s("string"),
-                        }},
-                        "status": {"type": "object", "properties": {
-                            "flowCount": s("integer"),
-                            "updated": {"type": "string", "format": "date-time"},
-                            // The flow file (model::FlowFile), as recorded.
-                            "flows": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-                        }},
+                        "apiVersion": s("string"), "kind": s("string"), "metadata": s("object"),
+                        "pod": s("string"), "podUID": s("string"), "node": s("string"), "target": s("string"),
+                        "updated": {"type": "string", "format": "date-time"},
+                        "flowCount": s("integer"),
+                        // Flows left out to keep the object under etcd's size limit.
+                        "truncated": s("integer"),
+                        // The flow file (model::FlowFile), as recorded.
+                        "flows": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
                     },
                 }},
             }],

@@ -1,13 +1,19 @@
-//! The DaemonSet agent's building blocks (issue 6, in progress): finding the target pods'
-//! cgroups on this node, the capabilities it needs (measured), its install bundle, and watch
-//! mode's drift alerts (deduplicated, rate-limited). Attaching to and detaching from pods at run
-//! time and surviving SIGKILL live in `capture` (`add_cgroup`, `remove_cgroup`, `Persist`). The
-//! `netaudit agent` command (kube-rs watches, live inventory, Events, metrics, FlowReports) is
-//! next.
+//! The DaemonSet agent (`netaudit agent`): one per node, it audits the target workloads' pods on
+//! its node. [`cluster`] watches the API (target pods on this node, the live inventory and
+//! policies); [`cgroups`] finds a pod's cgroup; [`run`] attaches and detaches the capture as pods
+//! come and go, enriches and judges the flows ([`drift`]), and publishes them: [`http`],
+//! [`metrics`], Events, and [`reports`] (FlowReport objects). [`manifests`] is its install
+//! bundle; [`config`] what it is told.
 
 pub mod cgroups;
+pub mod cluster;
+pub mod config;
 pub mod drift;
+pub mod http;
 pub mod manifests;
+pub mod metrics;
+pub mod reports;
+pub mod run;
 
 /// The Linux capabilities the agent needs, as measured on kernel 6.18 (tests/tests/capabilities.rs
 /// proves each is needed): BPF, NET_ADMIN and PERFMON to load and attach the cgroup programs;

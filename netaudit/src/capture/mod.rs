@@ -72,6 +72,8 @@ pub struct Persist {
 
 /// The maps a persistent capture pins (all of the object's).
 const MAPS: [&str; 7] = ["AUDITED", "FLOWS", "LISTEN", "LOSSES", "CONFIG", "DNS", "SOCKS"];
+/// The capture's file in the state directory.
+const STATE_FILE: &str = "capture-state.json";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// A running capture. Dropping it detaches every program it attached without pinning.
@@ -100,8 +102,9 @@ struct Persisted {
     /// `pin_dir/v<LAYOUT_VERSION>`.
     pins: PathBuf,
     state_file: PathBuf,
-    /// What was last written to the state file (written again only on change).
-    saved_names: usize,
+    /// The sizes (DNS names, sources) last written to the state file (written again only on
+    /// change).
+    saved: Option<(usize, usize)>,
 }
 
 /// DNS names and the window's start, kept across recorder restarts.
@@ -109,6 +112,10 @@ struct Persisted {
 struct SavedState {
     started: String,
     names: DnsNames,
+    /// Every cgroup audited so far, so flows of one that went while no recorder ran keep their
+    /// name.
+    #[serde(default)]
+    sources: Vec<Source>,
 }
 
 /// Counts for a progress line.
@@ -128,6 +135,7 @@ impl Capture {
 
         let mut started = SystemTime::now();
         let mut dns = DnsNames::default();
+        let mut sources = Vec::new();
         let persisted = match &config.persist {
             None => None,
             Some(p) => {
@@ -137,16 +145,17 @@ impl Capture {
                     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
                 }
                 std::fs::create_dir_all(&p.state_dir).with_context(|| format!("creating {}", p.state_dir.display()))?;
-                let state_file = p.state_dir.join("capture-state.json");
+                let state_file = p.state_dir.join(STATE_FILE);
                 if let Ok(text) = std::fs::read_to_string(&state_file) {
                     let saved: SavedState = serde_json::from_str(&text).with_context(|| {
                         format!("{}: not a netaudit capture state; remove it", state_file.display())
                     })?;
                     started = humantime::parse_rfc3339(&saved.started).unwrap_or(started);
                     dns = saved.names;
+                    sources = saved.sources;
                     tracing::info!("resuming the capture pinned in {}", pins.display());
                 }
-                Some(Persisted { pins, state_file, saved_names: usize::MAX })
+                Some(Persisted { pins, state_file, saved: None })
             }
         };
         let map_pins: Vec<(&str, PathBuf)> = match &persisted {
@@ -178,7 +187,7 @@ impl Capture {
             prog.load().with_context(|| format!("loading program {name}"))?;
         }
         let mut capture =
-            Capture { ebpf, sources: Vec::new(), attached: BTreeMap::new(), dns, started, persisted, ephemeral, mount };
+            Capture { ebpf, sources, attached: BTreeMap::new(), dns, started, persisted, ephemeral, mount };
         for dir in &dirs {
             capture.add_cgroup(dir)?;
         }
@@ -265,6 +274,7 @@ impl Capture {
         if !self.sources.iter().any(|s| s.cgroup_id == id) {
             self.sources.push(source.clone());
         }
+        self.save_state()?;
         Ok(source)
     }
 
@@ -285,6 +295,27 @@ impl Capture {
         let mut audited: HashMap<_, u64, u8> = HashMap::try_from(self.ebpf.map_mut("AUDITED").context("map AUDITED")?)?;
         let _ = audited.remove(&id);
         Ok(())
+    }
+
+    /// Detaches what an earlier run pinned for cgroups this run does not audit (their pods went
+    /// while no agent ran). Call it once the cgroups to audit have been added. Returns the
+    /// cgroup ids released.
+    pub fn prune_pins(&mut self) -> Result<Vec<u64>> {
+        let Some(p) = &self.persisted else { return Ok(Vec::new()) };
+        let mut stale: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+        for entry in std::fs::read_dir(p.pins.join("links"))?.flatten() {
+            let name = entry.file_name();
+            let id = name.to_str().and_then(|n| n.split('-').next()).and_then(|n| n.parse::<u64>().ok());
+            if let Some(id) = id.filter(|id| !self.attached.contains_key(id)) {
+                stale.entry(id).or_default().push(entry.path());
+            }
+        }
+        let mut audited: HashMap<_, u64, u8> = HashMap::try_from(self.ebpf.map_mut("AUDITED").context("map AUDITED")?)?;
+        for (id, links) in &stale {
+            unpin_links(links)?;
+            let _ = audited.remove(id);
+        }
+        Ok(stale.into_keys().collect())
     }
 
     fn link_pin(&self, cgroup_id: u64, program: &str) -> Option<PathBuf> {
@@ -316,15 +347,17 @@ impl Capture {
         self.save_state()
     }
 
-    /// Writes the DNS names and the window's start to the state file when they changed.
+    /// Writes the DNS names, the audited cgroups and the window's start to the state file when
+    /// they changed.
     fn save_state(&mut self) -> Result<()> {
         let Some(p) = &mut self.persisted else { return Ok(()) };
-        if p.saved_names == self.dns.len() {
+        let size = (self.dns.len(), self.sources.len());
+        if p.saved == Some(size) {
             return Ok(());
         }
-        let state = SavedState { started: rfc3339(self.started), names: self.dns.clone() };
+        let state = SavedState { started: rfc3339(self.started), names: self.dns.clone(), sources: self.sources.clone() };
         crate::output::write_atomically(&p.state_file, &serde_json::to_string(&state)?)?;
-        p.saved_names = self.dns.len();
+        p.saved = Some(size);
         Ok(())
     }
 
@@ -387,6 +420,36 @@ impl Capture {
         }
         drop(self);
         Ok(file)
+    }
+
+    /// Ends this process's part and leaves the recording running: a persistent capture's pinned
+    /// links keep counting into the pinned maps until the next capture (an upgraded agent)
+    /// resumes them. Without persistence this is [`Capture::stop`] minus the snapshot.
+    pub fn suspend(mut self) -> Result<()> {
+        self.poll()?;
+        if let Some(p) = &self.persisted {
+            tracing::info!("leaving the capture pinned in {} for the next run", p.pins.display());
+        }
+        Ok(())
+    }
+
+    /// Removes what persistent captures left behind (uninstalling): unpinning the links detaches
+    /// their programs; the maps and the state go too.
+    pub fn remove_persisted(persist: &Persist) -> Result<()> {
+        let pins = persist.pin_dir.join(format!("v{LAYOUT_VERSION}"));
+        let links: Vec<PathBuf> = match std::fs::read_dir(pins.join("links")) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        };
+        unpin_links(&links)?;
+        for m in MAPS {
+            let _ = std::fs::remove_file(pins.join("maps").join(m));
+        }
+        for d in [pins.join("maps"), pins.join("links"), pins] {
+            let _ = std::fs::remove_dir(d);
+        }
+        let _ = std::fs::remove_file(persist.state_dir.join(STATE_FILE));
+        Ok(())
     }
 
     /// Kernel run statistics per attached program: (name, total run time, runs). Counted only
@@ -464,7 +527,7 @@ fn to_flow(key: &FlowKey, stats: &FlowStats, clock: &Clock, dns: &DnsNames, cgro
     };
     let protocol = Protocol::from_number(key.protocol);
     let service_port = (protocol.has_ports() && key.service_port != 0).then_some(key.service_port);
-    let endpoint = |addr: IpAddr, port: Option<u16>| Endpoint { ip: addr, port, names: dns.names_of(&addr) };
+    let endpoint = |addr: IpAddr, port: Option<u16>| Endpoint { ip: addr, port, names: dns.names_of(&addr), identity: None };
     let local = ip(&key.local_addr);
     let remote = ip(&key.remote_addr);
     let outbound = key.initiator == INITIATOR_LOCAL;
@@ -548,7 +611,7 @@ mod tests {
     use super::*;
 
     fn flow(direction: Direction, src: &str, dst: &str, port: u16) -> Flow {
-        let ep = |ip: &str, port| Endpoint { ip: ip.parse().unwrap(), port, names: Vec::new() };
+        let ep = |ip: &str, port| Endpoint { ip: ip.parse().unwrap(), port, names: Vec::new(), identity: None };
         Flow {
             protocol: Protocol::Tcp,
             src: ep(src, None),

@@ -29,7 +29,7 @@ pub struct Cluster {
     /// Cluster objects: what `kubectl get namespaces,pods,services,endpointslices,nodes,networkpolicies
     /// -A -o yaml` prints (a List), a multi-document YAML stream, or JSON. Policies in it are used.
     #[arg(long, value_name = "FILE")]
-    inventory: Option<PathBuf>,
+    pub inventory: Option<PathBuf>,
     /// The stageset-controller chart's values: the policies the chart renders from them are used.
     #[arg(long, value_name = "FILE")]
     values: Option<PathBuf>,
@@ -38,7 +38,7 @@ pub struct Cluster {
     release: Option<String>,
     /// Release namespace (default: from the controller pod in the inventory, else default).
     #[arg(long)]
-    namespace: Option<String>,
+    pub namespace: Option<String>,
 }
 
 /// Where policies come from: the cluster (and values), plus manifests.
@@ -85,15 +85,22 @@ pub struct Loaded {
 }
 
 fn load(s: &Sources) -> Result<Loaded> {
-    load_cluster(&s.cluster, &s.policies)
+    load_cluster(&s.cluster, &s.policies, None)
 }
 
-/// Reads the cluster, the values (rendering the chart's policies) and `policy_files`.
-pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf]) -> Result<Loaded> {
+/// Reads the cluster (`--inventory`, or `live` objects listed from the API), the values
+/// (rendering the chart's policies) and `policy_files`.
+pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], live: Option<Vec<input::Document>>) -> Result<Loaded> {
     let mut notes = Vec::new();
-    let (mut inventory, rest) = match &s.inventory {
-        Some(p) => Inventory::load(p)?,
-        None => (Inventory::default(), Vec::new()),
+    let (mut inventory, rest) = match (&s.inventory, live) {
+        (Some(p), _) => Inventory::load(p)?,
+        (None, Some(docs)) => {
+            let mut inv = Inventory::default();
+            let rest = inv.add_documents(docs)?;
+            inv.index();
+            (inv, rest)
+        }
+        (None, None) => (Inventory::default(), Vec::new()),
     };
     let (mut policies, skipped) = policy::from_documents(rest)?;
     for d in &skipped {

@@ -1,6 +1,7 @@
 //! Commands. Exit codes: 0 success, 1 the command found something (e.g. `check` found cuts) or
 //! failed at run time, 2 bad input (a file, flag or value the user must fix).
 
+mod agent;
 mod check;
 mod demo;
 mod propose;
@@ -20,6 +21,15 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `debug`.
     #[arg(long, global = true, env = "NETAUDIT_LOG", default_value = "warn")]
     log: String,
+    /// Log line format: text, or json (one object per line, for log pipelines).
+    #[arg(long, global = true, env = "NETAUDIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +47,13 @@ enum Command {
     /// Run the whole story in a lab on this machine (root): record a stand-in controller with the
     /// real eBPF programs, then check and propose on what was recorded.
     Demo(demo::Args),
+    /// The DaemonSet agent: audit the target workloads' pods on this node (attach as they come,
+    /// detach as they go), publish their flows (FlowReports, HTTP, metrics) and, in watch mode,
+    /// raise drift alerts (Events, metrics, log lines).
+    Agent(agent::Args),
+    /// The flows the agents published as FlowReports, merged across nodes and replicas into one
+    /// flow file (for check, propose, graph).
+    Report(agent::ReportArgs),
     /// Print the agent's install bundle (Namespace, RBAC, FlowReport CRD, DaemonSet, its own
     /// NetworkPolicy) as YAML: the source of deploy/netaudit.yaml.
     Manifests(ManifestsArgs),
@@ -67,6 +84,13 @@ struct ManifestsArgs {
     /// The namespace allowed to scrape the agent's metrics.
     #[arg(long, default_value = "monitoring")]
     metrics_from_namespace: String,
+    /// A workload to audit, NAME=NAMESPACE/LABEL-SELECTOR (repeatable; default: the
+    /// stageset-controller in stageset-system).
+    #[arg(long = "target", value_name = "TARGET")]
+    targets: Vec<netaudit::agent::config::Target>,
+    /// The agent's mode.
+    #[arg(long, value_enum, default_value_t = netaudit::agent::config::Mode::Learn)]
+    mode: netaudit::agent::config::Mode,
 }
 
 fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
@@ -82,6 +106,12 @@ fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
         },
         apiserver_port: a.apiserver_port,
         metrics_from_namespace: a.metrics_from_namespace,
+        targets: if a.targets.is_empty() {
+            defaults.targets
+        } else {
+            a.targets.iter().map(|t| format!("{}={}/{}", t.name, t.namespace, t.selector)).collect()
+        },
+        mode: format!("{:?}", a.mode).to_lowercase(),
     };
     std::io::stdout().lock().write_all(bundle_yaml(&o)?.as_bytes())?;
     Ok(ExitCode::SUCCESS)
@@ -95,10 +125,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Record(args) => record::run(args),
         Command::Check(args) => check::run(args),
@@ -106,6 +138,8 @@ pub fn main() -> ExitCode {
         Command::Propose(args) => propose::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Manifests(args) => manifests(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Report(args) => agent::run_report(args),
         Command::LabActor { role, args } => netaudit::lab::actors::run(&role, &args).map(|()| ExitCode::SUCCESS),
     };
     match result {

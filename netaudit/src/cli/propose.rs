@@ -30,8 +30,15 @@ pub enum Format {
 #[derive(clap::Args)]
 pub struct Args {
     /// The flow file recorded in the learning window.
-    #[arg(long, value_name = "FILE")]
-    flows: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "from_cluster", conflicts_with = "from_cluster")]
+    flows: Option<PathBuf>,
+    /// Take the flows from the FlowReports the agents published (all nodes and replicas), and the
+    /// inventory from the API unless --inventory is given (KUBECONFIG or in-cluster).
+    #[arg(long)]
+    from_cluster: bool,
+    /// With --from-cluster: only the FlowReports of this target workload (the agent's --target name).
+    #[arg(long, requires = "from_cluster")]
+    target: Option<String>,
     #[command(flatten)]
     cluster: Cluster,
     /// Policy engine to propose for (default: `networkPolicy.engine` of --values).
@@ -66,8 +73,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(out) = &args.output {
         check_output_dir(out)?;
     }
-    let flows = FlowFile::read(&args.flows).map_err(|e| BadInput(format!("{e:#}")))?;
-    let loaded = load_cluster(&args.cluster, &[])?;
+    let (flows, loaded) = match &args.flows {
+        Some(path) => {
+            (FlowFile::read(path).map_err(|e| BadInput(format!("{e:#}")))?, load_cluster(&args.cluster, &[], None)?)
+        }
+        None => {
+            let flows = super::agent::fetch_flows(args.cluster.namespace.as_deref(), args.target.as_deref())?;
+            let live = match args.cluster.inventory {
+                Some(_) => None,
+                None => Some(super::agent::fetch_documents()?),
+            };
+            (flows, load_cluster(&args.cluster, &[], live)?)
+        }
+    };
     let engine = match args.engine {
         Some(e) => e,
         None if loaded.values_given => loaded.values.engine()?,

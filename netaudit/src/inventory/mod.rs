@@ -1,6 +1,6 @@
 //! The cluster as netaudit sees it: Namespaces, Pods, Services, EndpointSlices and Nodes read
 //! with the k8s-openapi types (from `kubectl get … -o yaml`, a YAML stream or JSON; live from
-//! watches later), indexed for the questions the evaluator asks: who has this IP, which Service
+//! watches in the agent), indexed for the questions the evaluator asks: who has this IP, which Service
 //! owns this ClusterIP, which backends serve it, which port a name means.
 
 use std::{
@@ -19,7 +19,7 @@ use k8s_openapi::{
 
 use crate::{
     input::{Document, bad},
-    model::Protocol,
+    model::{FlowFile, Identity, IdentityKind, Protocol},
 };
 
 pub type Labels = BTreeMap<String, String>;
@@ -431,6 +431,38 @@ impl Inventory {
         match self.service(ns, name) {
             Some(svc) => svc.ports.iter().flat_map(|p| self.backends(svc, p)).collect(),
             None => Vec::new(),
+        }
+    }
+
+    /// Who `ip` is in the cluster: the apiserver, a Service's ClusterIP, a pod or a node.
+    pub fn identify(&self, ip: IpAddr) -> Option<Identity> {
+        let id = |kind, namespace: Option<&str>, name: &str, labels: &Labels, node: Option<&String>| Identity {
+            kind,
+            namespace: namespace.map(str::to_string),
+            name: name.to_string(),
+            labels: labels.clone(),
+            node: node.cloned(),
+        };
+        if let Some(svc) = self.service_by_cluster_ip(ip) {
+            let kind = if self.is_apiserver(ip) { IdentityKind::Apiserver } else { IdentityKind::Service };
+            return Some(id(kind, Some(&svc.namespace), &svc.name, &Labels::new(), None));
+        }
+        if self.is_apiserver(ip) {
+            let (ns, name) = APISERVER_SERVICE;
+            return Some(id(IdentityKind::Apiserver, Some(ns), name, &Labels::new(), None));
+        }
+        match self.owner(ip) {
+            Owner::Pod(p) => Some(id(IdentityKind::Pod, Some(&p.namespace), &p.name, &p.labels, p.node_name.as_ref())),
+            Owner::Node(n) => Some(id(IdentityKind::Node, None, &n.name, &Labels::new(), None)),
+            Owner::External => None,
+        }
+    }
+
+    /// Sets the identity of both ends of every flow (cleared where the address is unknown now).
+    pub fn enrich(&self, file: &mut FlowFile) {
+        for f in &mut file.flows {
+            f.src.identity = self.identify(f.src.ip);
+            f.dst.identity = self.identify(f.dst.ip);
         }
     }
 

@@ -101,7 +101,7 @@ fn cluster(rng: &mut Lcg) -> Vec<Document> {
 }
 
 fn flows(rng: &mut Lcg) -> FlowFile {
-    let ep = |ip: IpAddr, port: Option<u16>| Endpoint { ip, port, names: Vec::new() };
+    let ep = |ip: IpAddr, port: Option<u16>| Endpoint { ip, port, names: Vec::new(), identity: None };
     let ports = [80u16, 443, 8080, 9050, 53, 5432];
     let flows = (0..FLOWS)
         .map(|i| {

@@ -1,0 +1,275 @@
+//! The agent's view of the API: reflectors (kube-runtime) on the inventory and policy kinds, and
+//! one node-local Pod reflector per target workload. Everything is watched as `DynamicObject`
+//! and handed to the same readers `check` uses for files (`input::Document`), so the live path and
+//! the file path cannot disagree.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, ListParams},
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+
+use super::config::Target;
+use crate::input::Document;
+
+/// The policy kinds of the other engines: watched only where their API is served.
+const POLICY_KINDS: [(&str, &str, &str, &str); 5] = [
+    ("cilium.io", "v2", "CiliumNetworkPolicy", "ciliumnetworkpolicies"),
+    ("cilium.io", "v2", "CiliumClusterwideNetworkPolicy", "ciliumclusterwidenetworkpolicies"),
+    ("projectcalico.org", "v3", "NetworkPolicy", "networkpolicies"),
+    ("projectcalico.org", "v3", "GlobalNetworkPolicy", "globalnetworkpolicies"),
+    ("policy.networking.k8s.io", "v1alpha2", "ClusterNetworkPolicy", "clusternetworkpolicies"),
+];
+
+/// How often an engine's API that is not served is looked for again (installed later).
+const PROBE_PERIOD: Duration = Duration::from_secs(300);
+
+/// The cluster's objects as the reflectors hold them now.
+#[derive(Clone)]
+pub struct LiveInventory {
+    stores: Vec<(ApiResource, Store<DynamicObject>)>,
+    /// Bumped on every change: the agent rebuilds its inventory only when it moved.
+    generation: Arc<AtomicU64>,
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// Managed fields are large and never read: drop them before they reach a store.
+fn slim(o: &mut DynamicObject) {
+    o.managed_fields_mut().clear();
+}
+
+/// Every kind the inventory and the policy readers take, and whether its API is optional (an
+/// engine's, served only where it is installed).
+fn kinds() -> Vec<(ApiResource, bool)> {
+    let always = [
+        ApiResource::erase::<Namespace>(&()),
+        ApiResource::erase::<Node>(&()),
+        ApiResource::erase::<Pod>(&()),
+        ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<EndpointSlice>(&()),
+        ApiResource::erase::<NetworkPolicy>(&()),
+    ];
+    always
+        .into_iter()
+        .map(|ar| (ar, false))
+        .chain(POLICY_KINDS.map(|(g, v, k, p)| (resource(g, v, k, p), true)))
+        .collect()
+}
+
+fn document(ar: &ApiResource, o: &DynamicObject) -> Document {
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    // List items come without their type; the readers dispatch on it.
+    v["apiVersion"] = ar.api_version.clone().into();
+    v["kind"] = ar.kind.clone().into();
+    Document { origin: format!("live {}", ar.plural), value: v }
+}
+
+/// The inventory and policy objects, listed once (for the CLI's `--from-cluster`).
+pub async fn list_documents(client: &Client) -> anyhow::Result<Vec<Document>> {
+    let mut out = Vec::new();
+    for (ar, optional) in kinds() {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        match api.list(&ListParams::default()).await {
+            Ok(list) => out.extend(list.items.iter().map(|o| document(&ar, o))),
+            Err(kube::Error::Api(s)) if optional && s.code == 404 => {}
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("listing {} ({})", ar.plural, ar.api_version))),
+        }
+    }
+    Ok(out)
+}
+
+impl LiveInventory {
+    /// Starts the reflectors (on the current tokio runtime).
+    pub fn start(client: &Client) -> LiveInventory {
+        let generation = Arc::new(AtomicU64::new(0));
+        let mut stores = Vec::new();
+        for (ar, optional) in kinds() {
+            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+            stores.push((ar.clone(), writer.as_reader()));
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let generation = Arc::clone(&generation);
+            tokio::spawn(async move {
+                if optional {
+                    wait_until_served(&api, &ar).await;
+                }
+                let stream = watcher(api, watcher::Config::default()).modify(slim).default_backoff();
+                reflector::reflector(writer, stream)
+                    .for_each(|event| {
+                        match event {
+                            Ok(_) => {
+                                generation.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::warn!(kind = %ar.kind, "watching {}: {e}", ar.plural),
+                        }
+                        futures::future::ready(())
+                    })
+                    .await;
+            });
+        }
+        LiveInventory { stores, generation }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Whether the initial list of every always-served kind has arrived.
+    pub fn synced(&self) -> bool {
+        self.stores.iter().filter(|(ar, _)| !POLICY_KINDS.iter().any(|k| k.3 == ar.plural && k.0 == ar.group)).all(
+            |(_, s)| {
+                // A store answers `ready` once its first list completed.
+                futures::FutureExt::now_or_never(s.wait_until_ready()).is_some_and(|r| r.is_ok())
+            },
+        )
+    }
+
+    /// Every object, as documents the file readers take.
+    pub fn documents(&self) -> Vec<Document> {
+        let mut out = Vec::new();
+        for (ar, store) in &self.stores {
+            out.extend(store.state().iter().map(|o| document(ar, o)));
+        }
+        out
+    }
+}
+
+/// Waits until `ar` is served (its CRD or aggregated API installed); says so once.
+async fn wait_until_served(api: &Api<DynamicObject>, ar: &ApiResource) {
+    let mut said = false;
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => {
+                tracing::info!("{} ({}) is served: watching it", ar.kind, ar.api_version);
+                return;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                if !said {
+                    tracing::info!("{} ({}) is not served here: looking again every {PROBE_PERIOD:?}", ar.kind, ar.api_version);
+                    said = true;
+                }
+            }
+            Err(e) => tracing::warn!("looking for {} ({}): {e}", ar.kind, ar.api_version),
+        }
+        tokio::time::sleep(PROBE_PERIOD).await;
+    }
+}
+
+/// The target pods on this node, one reflector per target (label and field selectors on the
+/// server, so only this node's matching pods cross the wire).
+pub struct TargetPods {
+    pub stores: Vec<(Target, Store<Pod>)>,
+}
+
+impl TargetPods {
+    pub fn start(client: &Client, node: &str, targets: &[Target]) -> TargetPods {
+        let mut stores = Vec::new();
+        for t in targets {
+            let (reader, writer) = reflector::store::<Pod>();
+            let api: Api<Pod> = Api::namespaced(client.clone(), &t.namespace);
+            let config = watcher::Config::default().fields(&format!("spec.nodeName={node}")).labels(&t.selector);
+            let name = t.name.clone();
+            tokio::spawn(async move {
+                let stream = watcher(api, config)
+                    .modify(|p: &mut Pod| p.managed_fields_mut().clear())
+                    .default_backoff();
+                reflector::reflector(writer, stream)
+                    .for_each(|event| {
+                        if let Err(e) = event {
+                            tracing::warn!(target_workload = %name, "watching the target's pods: {e}");
+                        }
+                        futures::future::ready(())
+                    })
+                    .await;
+            });
+            stores.push((t.clone(), reader));
+        }
+        TargetPods { stores }
+    }
+}
+
+/// A pod to audit, as the attach loop needs it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodRef {
+    pub target: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<String>,
+}
+
+impl PodRef {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The object reference Events are attached to.
+    pub fn object_ref(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(<Pod as k8s_openapi::Resource>::API_VERSION.into()),
+            kind: Some(<Pod as k8s_openapi::Resource>::KIND.into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: Some(self.uid.clone()),
+            ..Default::default()
+        }
+    }
+}
+
+impl TargetPods {
+    /// The pods to audit now: running or about to (finished pods have no processes left).
+    pub fn wanted(&self) -> Vec<PodRef> {
+        let mut out = Vec::new();
+        for (t, store) in &self.stores {
+            for p in store.state() {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                if matches!(phase, Some("Succeeded" | "Failed")) {
+                    continue;
+                }
+                let Some(uid) = p.metadata.uid.clone() else { continue };
+                out.push(PodRef {
+                    target: t.name.clone(),
+                    namespace: p.namespace().unwrap_or_default(),
+                    name: p.name_any(),
+                    uid,
+                    qos: p.status.as_ref().and_then(|s| s.qos_class.clone()),
+                });
+            }
+        }
+        out
+    }
+
+    /// Whether every target's first list has arrived (before that, "no pods" means "not yet").
+    pub fn synced(&self) -> bool {
+        self.stores
+            .iter()
+            .all(|(_, s)| futures::FutureExt::now_or_never(s.wait_until_ready()).is_some_and(|r| r.is_ok()))
+    }
+}

@@ -1,0 +1,468 @@
+//! `netaudit agent`'s loop. Level-triggered: every tick it compares the target pods the API lists
+//! on this node with the cgroups it audits and attaches or detaches; every `interval` it drains
+//! the flows, enriches them from the live inventory, publishes them (HTTP, metrics), and in watch
+//! mode judges the new ones; every `report_interval` it writes changed FlowReports.
+//!
+//! Restart safety comes from the capture's persistence (pinned maps and links, state on the
+//! node) plus this loop's own record of which cgroup was which pod (`agent-pods.json`): SIGTERM
+//! leaves everything pinned for the next agent (an upgrade), SIGKILL loses nothing either.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use kube::{
+    Client,
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use prometheus_client::registry::Registry;
+
+use super::{
+    cgroups::{QosClass, find_pod_cgroup},
+    cluster::{LiveInventory, PodRef, TargetPods},
+    config::{Config, Mode},
+    drift::{Alert, AlertKind, Detector, Limits},
+    http::{self, Published, Shared},
+    metrics::{LossLabels, Metrics, ProgramLabels},
+    reports,
+};
+use crate::{
+    capture::{Capture, CaptureConfig, Persist, cgroup},
+    chart::{CHART_NAME, Release, Values},
+    check::Check,
+    input::BadInput,
+    inventory::Inventory,
+    matrix::Matrix,
+    model::FlowFile,
+    policy::{self, Policy},
+};
+
+/// The agent's record of which audited cgroup was which pod, in the state directory.
+const PODS_FILE: &str = "agent-pods.json";
+const TICK: Duration = Duration::from_millis(500);
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<()> {
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(Agent::start(config)?.run())
+}
+
+/// What the judge needs beside the flows (watch mode).
+struct Judge {
+    values: Values,
+    values_given: bool,
+    matrix: Matrix,
+}
+
+/// The live inventory and policies, rebuilt when the reflectors moved.
+#[derive(Default)]
+struct Cluster {
+    generation: Option<u64>,
+    inventory: Inventory,
+    policies: Vec<Policy>,
+    /// Objects that could not be read, by description: said once each.
+    unreadable: std::collections::HashSet<String>,
+}
+
+struct Agent {
+    config: Config,
+    capture: Capture,
+    cgroup_root: PathBuf,
+    /// Audited now: cgroup directory → pod.
+    attached: BTreeMap<PathBuf, PodRef>,
+    /// Every pod audited (also gone ones: their flows stay), by cgroup path as flows name it.
+    known: BTreeMap<String, PodRef>,
+    /// Pods whose cgroup could not be attached, with the error said (once).
+    failing: HashMap<String, String>,
+    judge: Option<Judge>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    shared: Shared,
+    detector: Detector,
+    /// Per pod: the flows last published in its FlowReport, and when.
+    reported: HashMap<String, (String, Instant)>,
+    cluster: Cluster,
+}
+
+impl Agent {
+    /// Everything that can fail on bad input or a missing privilege fails here, before the loop.
+    fn start(config: Config) -> Result<Agent> {
+        let judge = match config.mode {
+            Mode::Learn => None,
+            Mode::Watch => Some(Judge {
+                values: match &config.values {
+                    Some(p) => Values::load(p)?,
+                    None => Values::defaults(),
+                },
+                values_given: config.values.is_some(),
+                matrix: match &config.matrix {
+                    Some(p) => Matrix::load(p)?,
+                    None => Matrix::default_matrix(),
+                },
+            }),
+        };
+        let cgroup_root = match &config.cgroup_root {
+            Some(r) => {
+                let mount = cgroup::cgroup2_mount()?;
+                cgroup::validate(r, &mount).map_err(|e| BadInput(format!("--cgroup-root: {e:#}")))?
+            }
+            None => cgroup::cgroup2_mount()?,
+        };
+        // The pin directory is the agent's own folder on the node's bpffs (made on first start);
+        // the capture says so when it is not on a bpffs.
+        std::fs::create_dir_all(&config.pin_dir).map_err(|e| {
+            BadInput(format!(
+                "--pin-dir {}: {e} (mount the host's bpffs at its parent: the DaemonSet's `bpffs` volume)",
+                config.pin_dir.display()
+            ))
+        })?;
+        crate::capture::preflight()?;
+        let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
+        let capture = Capture::start(&CaptureConfig { cgroups: vec![], max_flows: config.max_flows, persist: Some(persist) })?;
+        let known = load_known(&config.state_dir.join(PODS_FILE))?;
+        let metrics = Arc::new(Metrics::default());
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        Ok(Agent {
+            capture,
+            cgroup_root,
+            attached: BTreeMap::new(),
+            known,
+            failing: HashMap::new(),
+            judge,
+            metrics,
+            registry: Arc::new(registry),
+            shared: Arc::new(RwLock::new(Published {
+                not_ready: Some("waiting for the first lists from the API server".into()),
+                ..Published::default()
+            })),
+            detector: Detector::new(Limits::default()),
+            reported: HashMap::new(),
+            cluster: Cluster::default(),
+            config,
+        })
+    }
+
+    async fn run(mut self) -> Result<()> {
+        http::serve(self.config.listen, self.config.flows_listen, Arc::clone(&self.registry), Arc::clone(&self.shared))
+            .await?;
+        let client = Client::try_default()
+            .await
+            .context("configuring the Kubernetes client (in-cluster service account, or KUBECONFIG)")?;
+        let inventory = LiveInventory::start(&client);
+        let targets = TargetPods::start(&client, &self.config.node_name, &self.config.targets);
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter { controller: "netaudit-agent".into(), instance: Some(self.config.node_name.clone()) },
+        );
+        tracing::info!(
+            node = %self.config.node_name,
+            mode = ?self.config.mode,
+            targets = ?self.config.targets.iter().map(|t| format!("{}={}/{}", t.name, t.namespace, t.selector)).collect::<Vec<_>>(),
+            "agent started"
+        );
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut ticker = tokio::time::interval(TICK);
+        let mut last_look: Option<Instant> = None;
+        let mut pruned = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = sigterm.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            let synced = targets.synced();
+            if synced {
+                self.reconcile(&targets.wanted())?;
+                if !pruned {
+                    // Pods that went while no agent ran: release what was pinned for them.
+                    for id in self.capture.prune_pins()? {
+                        tracing::info!(cgroup_id = id, "released the pins of a pod that is gone");
+                    }
+                    pruned = true;
+                }
+            }
+            self.capture.poll()?;
+            {
+                let mut p = self.shared.write().expect("not poisoned");
+                p.last_loop = Some(Instant::now());
+                p.not_ready = match (synced, inventory.synced()) {
+                    (true, true) => None,
+                    (false, _) => Some("waiting for the first list of target pods".into()),
+                    (true, false) => Some("waiting for the first lists of the inventory".into()),
+                };
+            }
+            if last_look.is_none_or(|t| t.elapsed() >= self.config.interval) {
+                last_look = Some(Instant::now());
+                self.look(&client, &inventory, &recorder, false).await?;
+            }
+        }
+        tracing::info!("stopping: the capture stays pinned for the next agent");
+        self.look(&client, &inventory, &recorder, true).await?;
+        self.capture.suspend()
+    }
+
+    /// Attaches to wanted pods not audited yet; detaches from audited pods no longer wanted.
+    fn reconcile(&mut self, wanted: &[PodRef]) -> Result<()> {
+        for pod in wanted {
+            if self.attached.values().any(|p| p.uid == pod.uid) {
+                continue;
+            }
+            let qos = pod.qos.as_deref().and_then(|q| q.parse::<QosClass>().ok());
+            // No cgroup yet: the pod is still being created; looked for again next tick.
+            let Some(dir) = find_pod_cgroup(&self.cgroup_root, &pod.uid, qos) else { continue };
+            match self.capture.add_cgroup(&dir) {
+                Ok(source) => {
+                    tracing::info!(pod = %pod.id(), target_workload = %pod.target, cgroup = %dir.display(), "attached");
+                    self.failing.remove(&pod.uid);
+                    self.attached.insert(dir, pod.clone());
+                    self.known.insert(source.cgroup, pod.clone());
+                    self.save_known()?;
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if self.failing.get(&pod.uid) != Some(&msg) {
+                        self.metrics.attach_errors.get_or_create(&Metrics::target(&pod.target)).inc();
+                        tracing::error!(pod = %pod.id(), cgroup = %dir.display(), "cannot attach: {msg}");
+                        self.failing.insert(pod.uid.clone(), msg);
+                    }
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = self
+            .attached
+            .iter()
+            .filter(|(_, p)| !wanted.iter().any(|w| w.uid == p.uid))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for dir in gone {
+            let pod = self.attached.remove(&dir).expect("listed");
+            self.capture.remove_cgroup(&dir).with_context(|| format!("detaching from pod {}", pod.id()))?;
+            tracing::info!(pod = %pod.id(), "detached (the pod is gone; its flows stay)");
+        }
+        for t in &self.config.targets {
+            let n = self.attached.values().filter(|p| p.target == t.name).count();
+            self.metrics.attached_pods.get_or_create(&Metrics::target(&t.name)).set(n as i64);
+        }
+        Ok(())
+    }
+
+    fn save_known(&self) -> Result<()> {
+        let json = serde_json::to_string_pretty(&self.known)?;
+        crate::output::write_atomically(&self.config.state_dir.join(PODS_FILE), &json)
+    }
+
+    /// Rebuilds the inventory and policies from the reflectors when they moved. An object that
+    /// cannot be read is skipped (and said once): one odd object must not blind the agent.
+    fn refresh_cluster(&mut self, live: &LiveInventory) {
+        let generation = live.generation();
+        if self.cluster.generation == Some(generation) {
+            return;
+        }
+        let mut inventory = Inventory::default();
+        let mut policies = Vec::new();
+        for doc in live.documents() {
+            let what = format!("{} {}", doc.origin, doc.describe());
+            let result = inventory.add_documents(vec![doc]).and_then(|rest| policy::from_documents(rest));
+            match result {
+                Ok((found, _)) => policies.extend(found),
+                Err(e) => {
+                    if self.cluster.unreadable.insert(what) {
+                        tracing::warn!("skipping an object the agent cannot read: {e:#}");
+                    }
+                }
+            }
+        }
+        inventory.index();
+        self.cluster.inventory = inventory;
+        self.cluster.policies = policies;
+        self.cluster.generation = Some(generation);
+    }
+
+    /// Drains, enriches, publishes and (watch mode) judges the flows.
+    async fn look(&mut self, client: &Client, live: &LiveInventory, recorder: &Recorder, last: bool) -> Result<()> {
+        self.refresh_cluster(live);
+        let mut file = self.capture.snapshot()?;
+        self.cluster.inventory.enrich(&mut file);
+        let per_pod = self.split(&file);
+
+        for t in &self.config.targets {
+            let n: usize = per_pod.iter().filter(|(p, _)| p.target == t.name).map(|(_, f)| f.flows.len()).sum();
+            self.metrics.flows.get_or_create(&Metrics::target(&t.name)).set(n as i64);
+        }
+        self.export_capture_health(&file);
+
+        let mut report_json = None;
+        if let Some(judge) = &self.judge {
+            let pod = per_pod.first().map(|(p, _)| p);
+            let release = Release {
+                name: pod
+                    .and_then(|p| self.cluster.inventory.pod(&p.namespace, &p.name))
+                    .and_then(|p| p.labels.get("app.kubernetes.io/instance").cloned())
+                    .unwrap_or_else(|| CHART_NAME.into()),
+                namespace: pod.map(|p| p.namespace.clone()).unwrap_or_else(|| "default".into()),
+            };
+            let mut policies = self.cluster.policies.clone();
+            if judge.values_given {
+                policies.extend(policy::from_documents(judge.values.render(&release)?)?.0);
+            }
+            let check = Check {
+                inventory: &self.cluster.inventory,
+                policies: &policies,
+                values: &judge.values,
+                values_given: judge.values_given,
+                release: &release,
+                matrix: &judge.matrix,
+            };
+            match check.run(&file) {
+                Ok(report) => {
+                    let alerts = self.detector.observe(&file, &report, Instant::now());
+                    for a in alerts {
+                        self.raise(recorder, &a).await;
+                    }
+                    for (cgroup, n) in &self.detector.suppressed {
+                        if let Some(p) = self.known.get(cgroup) {
+                            self.metrics.alerts_suppressed.get_or_create(&Metrics::target(&p.target)).set(*n as i64);
+                        }
+                    }
+                    report_json = Some(serde_json::to_string_pretty(&report)?);
+                }
+                Err(e) => tracing::warn!("judging the flows: {e:#}"),
+            }
+        }
+
+        {
+            let mut p = self.shared.write().expect("not poisoned");
+            p.flows = file.to_json();
+            p.pods = per_pod.iter().map(|(pod, f)| (pod.id(), f.to_json())).collect();
+            p.report = report_json;
+        }
+        if self.config.publish {
+            self.publish(client, &per_pod, last).await;
+        }
+        Ok(())
+    }
+
+    /// The flows of each pod ever audited, as its own flow file.
+    fn split(&self, file: &FlowFile) -> Vec<(PodRef, FlowFile)> {
+        let mut out: Vec<(PodRef, FlowFile)> = Vec::new();
+        for (cgroup, pod) in &self.known {
+            let flows: Vec<_> = file.flows.iter().filter(|f| f.cgroup.as_deref() == Some(cgroup)).cloned().collect();
+            let sources = file.sources.iter().filter(|s| &s.cgroup == cgroup).cloned().collect();
+            // A pod's containers may share a cgroup path with an earlier pod of the same UID
+            // only in theory; merge rather than overwrite.
+            let f = FlowFile { flows, sources, ..file.clone() };
+            match out.iter_mut().find(|(p, _)| p.uid == pod.uid) {
+                Some((_, existing)) => *existing = FlowFile::merge([std::mem::replace(existing, f.clone()), f]),
+                None => out.push((pod.clone(), f)),
+            }
+        }
+        out
+    }
+
+    fn export_capture_health(&self, file: &FlowFile) {
+        let l = &file.losses;
+        for (what, n) in [
+            ("flows", l.flows),
+            ("packets", l.packets),
+            ("bytes", l.bytes),
+            ("dns_events", l.dns_events),
+            ("unparsed_packets", l.unparsed_packets),
+        ] {
+            self.metrics.lost.get_or_create(&LossLabels { what: what.into() }).set(n as i64);
+        }
+        let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1");
+        self.metrics.program_stats_enabled.set(i64::from(enabled));
+        if let Ok(stats) = self.capture.program_stats() {
+            for (name, time, runs) in stats {
+                let l = ProgramLabels { program: name.into() };
+                self.metrics.program_run_seconds.get_or_create(&l).set(time.as_secs_f64());
+                self.metrics.program_runs.get_or_create(&l).set(runs as i64);
+            }
+        }
+    }
+
+    /// A drift alert: a log line, a metric, and an Event on the pod.
+    async fn raise(&self, recorder: &Recorder, a: &Alert) {
+        let Some(pod) = self.known.get(&a.pod) else { return };
+        self.metrics.alert(&pod.target, a.kind);
+        let (reason, what) = match a.kind {
+            AlertKind::Cut => ("FlowCut", "the policies in force cut this flow"),
+            AlertKind::Unexpected => ("UnexpectedFlow", "the required-traffic matrix does not expect this flow"),
+        };
+        tracing::warn!(
+            alert = ?a.kind,
+            pod = %pod.id(),
+            target_workload = %pod.target,
+            flow = %a.flow,
+            reason = %a.reason,
+            fix = a.fix.as_deref().unwrap_or(""),
+            "drift: {what}"
+        );
+        let mut note = format!("{}: {what}: {}", a.flow, a.reason);
+        if let Some(fix) = &a.fix {
+            note += &format!(" Fix: {fix}");
+        }
+        // The API caps an Event's note at 1 kB.
+        if note.len() > 1000 {
+            let mut end = 997;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note += "...";
+        }
+        let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: "Audit".into(), secondary: None };
+        match recorder.publish(&event, &pod.object_ref()).await {
+            Ok(()) => {
+                self.metrics.events_published.inc();
+            }
+            Err(e) => {
+                self.metrics.event_errors.inc();
+                tracing::warn!(pod = %pod.id(), "writing the Event: {e}");
+            }
+        };
+    }
+
+    /// Writes the FlowReports whose flows changed, each at most once per `report_interval`
+    /// (and all changed ones on the way out).
+    async fn publish(&mut self, client: &Client, per_pod: &[(PodRef, FlowFile)], last: bool) {
+        for (pod, file) in per_pod {
+            // The window's end moves every time: compare the flows alone.
+            let fingerprint = serde_json::to_string(&file.flows).unwrap_or_default();
+            if let Some((before, at)) = self.reported.get(&pod.uid) {
+                if *before == fingerprint || (!last && at.elapsed() < self.config.report_interval) {
+                    continue;
+                }
+            }
+            match reports::publish(client, pod, &self.config.node_name, file).await {
+                Ok(()) => {
+                    self.metrics.reports_published.inc();
+                    self.reported.insert(pod.uid.clone(), (fingerprint, Instant::now()));
+                }
+                Err(e) => {
+                    self.metrics.report_errors.inc();
+                    tracing::warn!(pod = %pod.id(), "writing the FlowReport: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn load_known(path: &Path) -> Result<BTreeMap<String, PodRef>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: not the agent's record of audited pods; remove it", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
