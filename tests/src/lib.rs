@@ -7,6 +7,7 @@
 //! and the peer's DNS server 192.0.2.53.
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -68,6 +69,75 @@ fn unique(prefix: &str) -> String {
 }
 
 use netaudit::lab::host::run;
+
+pub mod apiserver;
+
+/// A private bpffs for one test, unmounted on drop.
+pub struct Bpffs(pub tempfile::TempDir);
+
+impl Bpffs {
+    pub fn mount() -> Bpffs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap().success();
+        assert!(ok, "mounting a bpffs on {}", dir.path().display());
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// A kubelet-like cgroup tree under a fresh directory of the cgroup2 mount; everything in it is
+/// killed and the tree removed (deepest first) on drop.
+pub struct KubeletTree {
+    pub root: PathBuf,
+}
+
+impl KubeletTree {
+    pub fn new(tag: &str) -> KubeletTree {
+        let root = netaudit::capture::cgroup::cgroup2_mount().unwrap().join(format!("netaudit-test-agent-{}-{tag}", std::process::id()));
+        fs::create_dir(&root).unwrap();
+        KubeletTree { root }
+    }
+
+    pub fn mkdir(&self, rel: &Path) -> PathBuf {
+        let mut p = self.root.clone();
+        for c in rel.components() {
+            p.push(c);
+            if !p.exists() {
+                fs::create_dir(&p).unwrap();
+            }
+        }
+        p
+    }
+}
+
+impl Drop for KubeletTree {
+    fn drop(&mut self) {
+        let _ = fs::write(self.root.join("cgroup.kill"), "1");
+        fn remove(dir: &Path) {
+            if let Ok(entries) = fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove(&e.path());
+                    }
+                }
+            }
+            for _ in 0..100 {
+                if fs::remove_dir(dir).is_ok() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        remove(&self.root);
+    }
+}
+
+
 pub use netaudit::lab::host::{Actor, Cgroup, Netns};
 
 /// Two hosts on one link: the audited "pod" and its "peer" (servers, clients, DNS).

@@ -3,64 +3,14 @@
 //! a process in a container cgroup below it is recorded as the pod, and a restarted container
 //! (a new container cgroup, a new process) keeps being recorded without re-attaching.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::fs;
 
 use netaudit::{
     agent::cgroups::{Driver, QosClass, find_pod_cgroup, pod_path},
-    capture::{Capture, CaptureConfig, cgroup::cgroup2_mount},
+    capture::{Capture, CaptureConfig},
     model::{Direction, Protocol},
 };
-use netaudit_tests::{Lab, PEER_V4, helper, require_kernel, start_peer_services};
-
-/// A kubelet-like cgroup tree under a fresh directory of the cgroup2 mount; everything in it is
-/// killed and the tree removed (deepest first) on drop.
-struct Tree {
-    root: PathBuf,
-}
-
-impl Tree {
-    fn new(tag: &str) -> Tree {
-        let root = cgroup2_mount().unwrap().join(format!("netaudit-test-agent-{}-{tag}", std::process::id()));
-        fs::create_dir(&root).unwrap();
-        Tree { root }
-    }
-
-    fn mkdir(&self, rel: &Path) -> PathBuf {
-        let mut p = self.root.clone();
-        for c in rel.components() {
-            p.push(c);
-            if !p.exists() {
-                fs::create_dir(&p).unwrap();
-            }
-        }
-        p
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let _ = fs::write(self.root.join("cgroup.kill"), "1");
-        fn remove(dir: &Path) {
-            if let Ok(entries) = fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        remove(&e.path());
-                    }
-                }
-            }
-            for _ in 0..100 {
-                if fs::remove_dir(dir).is_ok() {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
-        remove(&self.root);
-    }
-}
+use netaudit_tests::{KubeletTree, Lab, PEER_V4, helper, require_kernel, start_peer_services};
 
 /// The container cgroup name each runtime would use under the pod.
 fn container_dir(driver: Driver, id: &str) -> String {
@@ -80,7 +30,7 @@ fn pods_are_found_and_recorded_in_both_kubelet_layouts_across_container_restarts
     for driver in [Driver::Systemd, Driver::Cgroupfs] {
         for qos in QosClass::ALL {
             let uid = format!("5f1e2d3c-4b5a-4697-8a9b-{:012x}", std::process::id());
-            let tree = Tree::new(&format!("{driver:?}-{qos:?}").to_lowercase());
+            let tree = KubeletTree::new(&format!("{driver:?}-{qos:?}").to_lowercase());
             // Another pod beside ours, which must not be picked.
             tree.mkdir(&pod_path(driver, qos, "00000000-0000-0000-0000-000000000000"));
             let pod = tree.mkdir(&pod_path(driver, qos, &uid));

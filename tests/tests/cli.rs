@@ -83,24 +83,6 @@ fn bad_input_exits_2_naming_the_problem_and_keeps_existing_output() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous recording");
 }
 
-/// A private bpffs for one test, unmounted on drop.
-struct Bpffs(tempfile::TempDir);
-
-impl Bpffs {
-    fn mount() -> Bpffs {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap().success();
-        assert!(ok, "mounting a bpffs on {}", dir.path().display());
-        Bpffs(dir)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_killed_recorder_loses_nothing_and_the_next_one_resumes() {
     if !require_kernel() {

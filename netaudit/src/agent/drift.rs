@@ -16,7 +16,7 @@ use crate::{
     model::{Flow, FlowFile},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertKind {
     /// The policies in force drop this flow.
@@ -82,6 +82,39 @@ impl Detector {
             alerted: HashMap::new(),
             budget: HashMap::new(),
             suppressed: HashMap::new(),
+        }
+    }
+
+    /// What the detector has seen (flows and their packet counts), for the next agent: without
+    /// it a restarted agent would take every old flow for a new one and alert again.
+    /// Alerts raised within the dedupe window go too (as their age), so a grown flow is not
+    /// alerted again just because the agent restarted.
+    pub fn seen_json(&self, now: Instant) -> String {
+        let seen: Vec<(&FlowId, &u64)> = self.seen.iter().collect();
+        let alerted: Vec<(&(FlowId, AlertKind), u64)> = self
+            .alerted
+            .iter()
+            .map(|(k, t)| (k, now.duration_since(*t).as_secs()))
+            .filter(|(_, age)| Duration::from_secs(*age) < self.limits.dedupe)
+            .collect();
+        serde_json::json!({"seen": seen, "alerted": alerted}).to_string()
+    }
+
+    /// Restores what [`Detector::seen_json`] wrote; an unreadable record is ignored (at worst
+    /// some alerts are raised again).
+    pub fn restore_seen(&mut self, json: &str, now: Instant) {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            seen: Vec<(FlowId, u64)>,
+            alerted: Vec<((FlowId, AlertKind), u64)>,
+        }
+        if let Ok(saved) = serde_json::from_str::<Saved>(json) {
+            self.seen.extend(saved.seen);
+            for (key, age) in saved.alerted {
+                if let Some(t) = now.checked_sub(Duration::from_secs(age)) {
+                    self.alerted.insert(key, t);
+                }
+            }
         }
     }
 
@@ -207,6 +240,22 @@ mod tests {
         // Grown after the window: alerted again.
         let f3 = file(vec![flow("192.0.2.7", 443, 12), flow("192.0.2.9", 22, 1)]);
         assert_eq!(d.observe(&f3, &report(&f3), t0 + Duration::from_secs(3700)).len(), 1);
+    }
+
+    #[test]
+    fn a_restored_detector_does_not_alert_again_for_old_flows() {
+        let t0 = Instant::now();
+        let f1 = file(vec![flow("192.0.2.7", 443, 3)]);
+        let mut d = Detector::new(Limits::default());
+        assert_eq!(d.observe(&f1, &report(&f1), t0).len(), 1);
+        let mut next = Detector::new(Limits::default());
+        next.restore_seen(&d.seen_json(t0), t0);
+        assert!(next.observe(&f1, &report(&f1), t0).is_empty());
+        // Grown while no agent ran, within the dedupe window: still nothing. A flow that appeared
+        // while no agent ran alerts.
+        let f2 = file(vec![flow("192.0.2.7", 443, 9), flow("192.0.2.8", 443, 1)]);
+        let a = next.observe(&f2, &report(&f2), t0);
+        assert_eq!(a.iter().map(|a| a.flow.as_str()).collect::<Vec<_>>(), ["egress TCP 10.0.0.5 -> 192.0.2.8:443"]);
     }
 
     #[test]

@@ -42,8 +42,11 @@ use crate::{
 };
 
 /// The agent's record of which audited cgroup was which pod, in the state directory.
-const PODS_FILE: &str = "agent-pods.json";
+pub const PODS_FILE: &str = "agent-pods.json";
+/// Watch mode's record of the flows already judged, in the state directory.
+pub const SEEN_FILE: &str = "agent-seen.json";
 const TICK: Duration = Duration::from_millis(500);
+const SEEN_SAVE_PERIOD: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
@@ -88,6 +91,8 @@ struct Agent {
     registry: Arc<Registry>,
     shared: Shared,
     detector: Detector,
+    /// What was last written to [`SEEN_FILE`], and when.
+    saved_seen: (String, Option<Instant>),
     /// Per pod: the flows last published in its FlowReport, and when.
     reported: HashMap<String, (String, Instant)>,
     cluster: Cluster,
@@ -129,6 +134,10 @@ impl Agent {
         let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
         let capture = Capture::start(&CaptureConfig { cgroups: vec![], max_flows: config.max_flows, persist: Some(persist) })?;
         let known = load_known(&config.state_dir.join(PODS_FILE))?;
+        let mut detector = Detector::new(Limits::default());
+        if let Ok(seen) = std::fs::read_to_string(config.state_dir.join(SEEN_FILE)) {
+            detector.restore_seen(&seen, Instant::now());
+        }
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -145,7 +154,8 @@ impl Agent {
                 not_ready: Some("waiting for the first lists from the API server".into()),
                 ..Published::default()
             })),
-            detector: Detector::new(Limits::default()),
+            detector,
+            saved_seen: (String::new(), None),
             reported: HashMap::new(),
             cluster: Cluster::default(),
             config,
@@ -214,12 +224,16 @@ impl Agent {
     /// Attaches to wanted pods not audited yet; detaches from audited pods no longer wanted.
     fn reconcile(&mut self, wanted: &[PodRef]) -> Result<()> {
         for pod in wanted {
+            tracing::debug!(pod = %pod.id(), uid = %pod.uid, "wanted");
             if self.attached.values().any(|p| p.uid == pod.uid) {
                 continue;
             }
             let qos = pod.qos.as_deref().and_then(|q| q.parse::<QosClass>().ok());
             // No cgroup yet: the pod is still being created; looked for again next tick.
-            let Some(dir) = find_pod_cgroup(&self.cgroup_root, &pod.uid, qos) else { continue };
+            let Some(dir) = find_pod_cgroup(&self.cgroup_root, &pod.uid, qos) else {
+                tracing::debug!(pod = %pod.id(), "no cgroup yet");
+                continue;
+            };
             match self.capture.add_cgroup(&dir) {
                 Ok(source) => {
                     tracing::info!(pod = %pod.id(), target_workload = %pod.target, cgroup = %dir.display(), "attached");
@@ -301,8 +315,11 @@ impl Agent {
         }
         self.export_capture_health(&file);
 
+        // Judging or publishing before the first lists arrived would take every peer for an
+        // unknown address; the flows wait in the kernel's map meanwhile.
+        let synced = live.synced();
         let mut report_json = None;
-        if let Some(judge) = &self.judge {
+        if let Some(judge) = self.judge.as_ref().filter(|_| synced) {
             let pod = per_pod.first().map(|(p, _)| p);
             let release = Release {
                 name: pod
@@ -335,6 +352,16 @@ impl Agent {
                         }
                     }
                     report_json = Some(serde_json::to_string_pretty(&report)?);
+                    // Bounded writes (the record grows with the flow map); a SIGKILL loses at
+                    // most SEEN_SAVE_PERIOD of it: some alerts again, still rate-limited.
+                    let due = self.saved_seen.1.is_none_or(|t| t.elapsed() >= SEEN_SAVE_PERIOD);
+                    if due || last {
+                        let seen = self.detector.seen_json(Instant::now());
+                        if seen != self.saved_seen.0 {
+                            crate::output::write_atomically(&self.config.state_dir.join(SEEN_FILE), &seen)?;
+                            self.saved_seen = (seen, Some(Instant::now()));
+                        }
+                    }
                 }
                 Err(e) => tracing::warn!("judging the flows: {e:#}"),
             }
@@ -346,7 +373,7 @@ impl Agent {
             p.pods = per_pod.iter().map(|(pod, f)| (pod.id(), f.to_json())).collect();
             p.report = report_json;
         }
-        if self.config.publish {
+        if self.config.publish && (synced || last) {
             self.publish(client, &per_pod, last).await;
         }
         Ok(())

@@ -106,7 +106,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if cleanup {
         let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
         Capture::remove_persisted(&persist)?;
-        let _ = std::fs::remove_file(config.state_dir.join("agent-pods.json"));
+        for f in [run::PODS_FILE, run::SEEN_FILE] {
+            let _ = std::fs::remove_file(config.state_dir.join(f));
+        }
         eprintln!("netaudit: removed the pins under {} and the state in {}", config.pin_dir.display(), config.state_dir.display());
         return Ok(ExitCode::SUCCESS);
     }

@@ -1,0 +1,259 @@
+//! `netaudit agent` end to end, against a stand-in API server (tests/src/apiserver.rs: real HTTP,
+//! list + watch) serving the test cluster's objects, with a target pod whose cgroup is a real
+//! kubelet-layout cgroup holding a real process that makes real connections:
+//!
+//! - the agent finds the pod through a node-local watch (the replica on another node is left
+//!   alone), attaches to its cgroup, records its flows and enriches them with identities;
+//! - in watch mode a flow the chart's policy cuts raises a `FlowCut` Event on the pod, a metric
+//!   and a log line; the pod's FlowReport is published by server-side apply;
+//! - SIGKILL mid-recording loses nothing: connections made while no agent ran are counted when
+//!   the next one resumes;
+//! - `netaudit report` and `propose --from-cluster` read the FlowReports back through the API;
+//! - a deleted pod is detached; SIGTERM leaves the pins; `agent --cleanup` removes them.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netaudit::{
+    agent::cgroups::{Driver, QosClass, pod_path},
+    model::FlowFile,
+};
+use netaudit_tests::{
+    Bpffs, KubeletTree, Lab, PEER_V4, POD_V4, apiserver::FakeApiserver, fixtures, helper, netaudit_bin, require_kernel,
+    start_peer_services,
+};
+use serde_json::{Value, json};
+
+const POD: &str = "ssc-stageset-controller-6b7d9-q2w3e";
+const NS: &str = "stageset-system";
+const NODE: &str = "worker";
+
+/// The test cluster's objects, with the controller pod running here (on the lab's address, in
+/// the cgroup the test made) and source-controller as the lab's peer.
+fn cluster(uid: &str) -> Vec<Value> {
+    let docs = netaudit::input::read_objects(&fixtures().join("cluster/inventory.yaml")).unwrap();
+    let mut out = Vec::new();
+    for d in docs {
+        let mut v = d.value;
+        match (v["kind"].as_str().unwrap(), v["metadata"]["name"].as_str().unwrap()) {
+            ("ConfigMap", _) => continue,
+            ("Pod", POD) => {
+                v["metadata"]["uid"] = uid.into();
+                v["status"] = json!({"phase": "Running", "qosClass": "Burstable", "podIP": POD_V4, "podIPs": [{"ip": POD_V4}]});
+                // A second replica on the other node: another agent's business.
+                let mut other = v.clone();
+                other["metadata"]["name"] = "ssc-stageset-controller-6b7d9-zzzzz".into();
+                other["metadata"]["uid"] = "99999999-0000-4000-8000-000000000001".into();
+                other["spec"]["nodeName"] = "cp".into();
+                other["status"]["podIP"] = "10.244.0.9".into();
+                other["status"]["podIPs"] = json!([{"ip": "10.244.0.9"}]);
+                out.push(other);
+            }
+            ("Pod", n) if n.starts_with("source-controller") => {
+                v["status"] = json!({"phase": "Running", "podIP": PEER_V4, "podIPs": [{"ip": PEER_V4}]});
+            }
+            _ => {}
+        }
+        out.push(v);
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The value of a metric line starting with `series` (`name{labels}`).
+fn metric(port: u16, series: &str) -> Option<f64> {
+    get(port, "/metrics")?.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+}
+
+struct Agent {
+    child: Child,
+    metrics: u16,
+    flows: u16,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(kubeconfig: &Path, args: &[&str]) -> Agent {
+    let (metrics, flows) = (free_port(), free_port());
+    let child = Command::new(netaudit_bin())
+        .arg("agent")
+        .args(args)
+        .args(["--listen", &format!("127.0.0.1:{metrics}"), "--flows-listen", &format!("127.0.0.1:{flows}")])
+        .args(["--log", "info"])
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Agent { child, metrics, flows }
+}
+
+/// The flow to the peer's port 80 in the agent's /flows.
+fn peer_flow(agent: &Agent) -> Option<Value> {
+    let file: Value = serde_json::from_str(&get(agent.flows, "/flows")?).ok()?;
+    file["flows"].as_array()?.iter().find(|f| f["dst"]["ip"] == PEER_V4 && f["dst"]["port"] == 80).cloned()
+}
+
+#[test]
+fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_sigkill() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let uid = format!("7a1e2d3c-4b5a-4697-8a9b-{:012x}", std::process::id());
+    let tree = KubeletTree::new("api");
+    let pod_dir = tree.mkdir(&pod_path(Driver::Systemd, QosClass::Burstable, &uid));
+    let container = tree.mkdir(&pod_dir.strip_prefix(&tree.root).unwrap().join("cri-containerd-aaaa1111.scope"));
+    let api = FakeApiserver::start(cluster(&uid));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let bpffs = Bpffs::mount();
+    let pins = bpffs.0.path().join("netaudit");
+    let state = dir.path().join("state");
+    let values = dir.path().join("values.yaml");
+    // The chart's policy with egress on: DNS only, so the connection to the peer is cut.
+    std::fs::write(&values, "networkPolicy: {enabled: true, egress: {enabled: true}}\n").unwrap();
+    let root = tree.root.to_str().unwrap();
+    let (pins_s, state_s, values_s) = (pins.to_str().unwrap(), state.to_str().unwrap(), values.to_str().unwrap());
+    let args = [
+        "--node-name", NODE,
+        "--target", "ssc=stageset-system/app.kubernetes.io/name=stageset-controller",
+        "--mode", "watch", "--values", values_s,
+        "--cgroup-root", root, "--pin-dir", pins_s, "--state-dir", state_s,
+        "--interval", "1s", "--report-interval", "1s",
+    ];
+    let connect = |n: &str| {
+        helper(&lab.pod, Some(&container), &["tcp", &format!("{PEER_V4}:80"), n]).unwrap().finish().unwrap();
+    };
+
+    // 1. Discovery through the API: this node's replica is attached, the other node's is not.
+    let agent = start_agent(&kubeconfig, &args);
+    wait("the agent to attach to the pod", Duration::from_secs(30), || {
+        (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
+    });
+    assert!(
+        api.requests().iter().any(|r| r.contains("/api/v1/namespaces/stageset-system/pods")
+            && r.contains("fieldSelector=spec.nodeName=worker")
+            && r.contains("labelSelector=app.kubernetes.io/name=stageset-controller")),
+        "a node-local, label-selected watch: {:#?}",
+        api.requests()
+    );
+
+    // 2. Real traffic, recorded and enriched.
+    connect("2");
+    let flow = wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 2));
+    assert_eq!(flow["direction"], "egress");
+    assert_eq!(flow["src"]["identity"]["name"], POD, "{flow:#}");
+    assert_eq!(flow["dst"]["identity"]["kind"], "pod");
+    assert_eq!(flow["dst"]["identity"]["namespace"], "flux-system");
+    assert!(get(agent.flows, &format!("/flows/{NS}/{POD}")).is_some(), "per-pod flows");
+    assert!(get(agent.metrics, "/flows").is_none(), "flows are not on the metrics port");
+
+    // 3. Watch mode: the cut flow raises an Event on the pod, a metric, and a FlowReport appears.
+    let events = api.wait_for("events", "a FlowCut Event", Duration::from_secs(20), |evs| {
+        evs.iter().any(|e| e["reason"] == "FlowCut" && e["regarding"]["name"] == POD)
+    });
+    let cut = events.iter().find(|e| e["reason"] == "FlowCut").unwrap();
+    assert_eq!(cut["type"], "Warning");
+    assert!(cut["note"].as_str().unwrap().contains(&format!("{PEER_V4}:80")), "{cut:#}");
+    assert!(metric(agent.metrics, "netaudit_alerts_total{target=\"ssc\",kind=\"cut\"}").unwrap() >= 1.0);
+    let reports = api.wait_for("flowreports", "the pod's FlowReport", Duration::from_secs(20), |rs| {
+        rs.iter().any(|r| r["metadata"]["name"] == POD && r["flowCount"].as_u64() >= Some(1))
+    });
+    assert_eq!(reports.len(), 1, "only this node's pod has a report: {reports:#?}");
+    assert_eq!(reports[0]["metadata"]["labels"]["netaudit.dev/node"], NODE);
+
+    // 4. SIGKILL mid-recording; the pod keeps talking while no agent runs; the next agent resumes.
+    drop(agent);
+    connect("3");
+    let agent = start_agent(&kubeconfig, &args);
+    wait("the next agent to attach again", Duration::from_secs(30), || {
+        (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
+    });
+    let flow = wait("the resumed flow", Duration::from_secs(30), || peer_flow(&agent).filter(|f| f["connections"] == 5));
+    assert_eq!(flow["packets_from_src"].as_u64().map(|p| p > 0), Some(true));
+    // The flow was judged before the kill: the next agent does not raise it again.
+    std::thread::sleep(Duration::from_secs(2));
+    let cut_events = api.objects("events").iter().filter(|e| e["reason"] == "FlowCut").count();
+    assert_eq!(cut_events, 1, "one Event for one cut flow, across the restart: {:#?}", api.objects("events"));
+    api.wait_for("flowreports", "the updated FlowReport", Duration::from_secs(20), |rs| {
+        rs.iter().any(|r| {
+            r["flows"]["flows"].as_array().is_some_and(|fs| fs.iter().any(|f| f["dst"]["ip"] == PEER_V4 && f["connections"] == 5))
+        })
+    });
+
+    // 5. The cluster-wide view through the API.
+    let out = Command::new(netaudit_bin())
+        .args(["report", "--namespace", NS, "--target", "ssc"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged = FlowFile::parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert!(merged.flows.iter().any(|f| f.dst.ip.to_string() == PEER_V4 && f.connections == 5), "{merged:#?}");
+    let out = Command::new(netaudit_bin())
+        .args(["propose", "--from-cluster", "--target", "ssc", "--engine", "kubernetes", "--namespace", NS])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let proposal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(proposal.contains("flux-system"), "the peer is proposed by its namespace: {proposal}");
+
+    // 6. The pod goes: detached, its link pins released.
+    let links = pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).join("links");
+    assert!(std::fs::read_dir(&links).unwrap().count() > 0);
+    api.delete("pods", NS, POD);
+    wait("the agent to detach", Duration::from_secs(20), || {
+        (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 0.0).then_some(())
+    });
+    assert_eq!(std::fs::read_dir(&links).unwrap().count(), 0, "links of a gone pod are unpinned");
+
+    // 7. SIGTERM: a clean exit that keeps the recording pinned; --cleanup removes it.
+    let mut agent = agent;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).join("maps").join("FLOWS").exists());
+    let ok = Command::new(netaudit_bin())
+        .args(["agent", "--cleanup", "--pin-dir", pins_s, "--state-dir", state_s])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(!pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).exists());
+}
