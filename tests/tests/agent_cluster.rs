@@ -198,6 +198,11 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert_eq!(reports[0]["metadata"]["labels"]["netaudit.dev/node"], NODE);
 
     // 4. SIGKILL mid-recording; the pod keeps talking while no agent runs; the next agent resumes.
+    // (Killed between raising an alert and saving that it did, an agent raises it again: an
+    // alert repeated beats an alert lost. So the kill waits for the record.)
+    wait("the judged flows to be saved", Duration::from_secs(20), || {
+        std::fs::read_to_string(state.join("agent-seen.json")).ok().filter(|s| s.contains(PEER_V4))
+    });
     drop(agent);
     connect("3");
     let agent = start_agent(&kubeconfig, &args);
@@ -256,4 +261,27 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         .unwrap();
     assert!(ok.success());
     assert!(!pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).exists());
+}
+
+#[test]
+fn bad_agent_configuration_exits_2_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(netaudit_bin()).arg("agent").args(args).env_remove("NODE_NAME").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["--node-name", "w"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--target NAME=NAMESPACE/SELECTOR"), "{err}");
+    let (code, err) = run(&["--target", "ssc=ns/app=x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("NODE_NAME"), "{err}");
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, "targets:\n- {name: ssc, namespace: ns, selector: app=x}\nreport-intervall: 5s\n").unwrap();
+    let (code, err) = run(&["--node-name", "w", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("agent.yaml") && err.contains("report-intervall"), "{err}");
+    let (code, err) = run(&["--node-name", "w", "--target", "ssc=ns/app=x", "--values", "/nonexistent/values.yaml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--mode watch"), "{err}");
 }

@@ -122,14 +122,14 @@ impl Agent {
             }
             None => cgroup::cgroup2_mount()?,
         };
-        // The pin directory is the agent's own folder on the node's bpffs (made on first start);
-        // the capture says so when it is not on a bpffs.
-        std::fs::create_dir_all(&config.pin_dir).map_err(|e| {
-            BadInput(format!(
-                "--pin-dir {}: {e} (mount the host's bpffs at its parent: the DaemonSet's `bpffs` volume)",
-                config.pin_dir.display()
-            ))
-        })?;
+        // The pin directory is the agent's own folder on the node's bpffs, made on first start
+        // (only there: never a stray directory on another filesystem).
+        if !config.pin_dir.is_dir() {
+            let parent = config.pin_dir.parent().unwrap_or(Path::new("/"));
+            crate::capture::check_bpffs(parent)
+                .and_then(|()| std::fs::create_dir(&config.pin_dir).map_err(Into::into))
+                .map_err(|e| BadInput(format!("--pin-dir {}: {e:#}", config.pin_dir.display())))?;
+        }
         crate::capture::preflight()?;
         let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
         let capture = Capture::start(&CaptureConfig { cgroups: vec![], max_flows: config.max_flows, persist: Some(persist) })?;

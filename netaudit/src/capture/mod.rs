@@ -477,7 +477,7 @@ fn unpin_links(paths: &[PathBuf]) -> Result<()> {
 }
 
 /// Pins must live on a bpffs; say how to get one rather than failing in the middle of a pin.
-fn check_bpffs(dir: &std::path::Path) -> Result<()> {
+pub fn check_bpffs(dir: &std::path::Path) -> Result<()> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).context("pin directory path")?;
     // SAFETY: statfs writes into the zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
