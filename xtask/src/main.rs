@@ -21,9 +21,10 @@ commands:
   bootstrap   add rust-src to the nightly toolchain and build bpf-linker (cached under target/)
   build       bootstrap, then build target/release/netaudit with the eBPF object embedded
   test        bootstrap, then run the whole test suite (real-kernel tests need root)
-  bench [kernel|check]
+  bench [kernel|check|agent]
               bootstrap, then run the benchmarks and print the figures: `kernel` (the eBPF
-              programs, root), `check` (flows x policies); both when not named
+              programs, root), `check` (flows x policies), `agent` (memory and start-up vs.
+              cluster size, root); all when not named
 ";
 
 fn main() -> ExitCode {
@@ -77,11 +78,14 @@ fn run(args: &[String]) -> Result<()> {
             let env = toolchain::bootstrap(&root)?;
             let which = rest.first().map(String::as_str);
             let bins: &[&str] = match which {
-                None => &["netaudit-bench-check", "netaudit-bench"],
+                None => &["netaudit-bench-check", "netaudit-bench", "netaudit-bench-agent"],
                 Some("check") => &["netaudit-bench-check"],
                 Some("kernel") => &["netaudit-bench"],
-                Some(other) => bail!("unknown benchmark `{other}`: use kernel or check"),
+                Some("agent") => &["netaudit-bench-agent"],
+                Some(other) => bail!("unknown benchmark `{other}`: use kernel, check or agent"),
             };
+            // The agent benchmark runs the real binary.
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
             for bin in bins {
                 cargo(&root, &env, &["run", "--release", "--package", "netaudit-tests", "--bin", bin], &[])?;
             }

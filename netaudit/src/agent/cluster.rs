@@ -60,9 +60,37 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     }
 }
 
-/// Managed fields are large and never read: drop them before they reach a store.
-fn slim(o: &mut DynamicObject) {
-    o.managed_fields_mut().clear();
+/// Keeps only what the readers use before an object reaches a store: the agent holds every
+/// pod of the cluster, and managed fields, annotations (`last-applied-configuration`) and most
+/// of a pod's spec would multiply its memory.
+fn slim(kind: &str) -> impl FnMut(&mut DynamicObject) + use<> {
+    let pod = kind == "Pod";
+    move |o: &mut DynamicObject| {
+        o.managed_fields_mut().clear();
+        o.annotations_mut().clear();
+        if !pod {
+            return;
+        }
+        let keep = |v: &serde_json::Value, fields: &[&str]| -> serde_json::Value {
+            fields.iter().filter_map(|f| v.get(*f).map(|x| (f.to_string(), x.clone()))).collect()
+        };
+        let spec = o.data.get("spec").cloned().unwrap_or_default();
+        let containers = |key: &str| -> Option<serde_json::Value> {
+            let list = spec.get(key)?.as_array()?;
+            Some(list.iter().map(|c| keep(c, &["name", "ports"])).collect())
+        };
+        let mut slim_spec = keep(&spec, &["nodeName", "hostNetwork", "serviceAccountName"]);
+        for key in ["containers", "initContainers"] {
+            if let Some(c) = containers(key) {
+                slim_spec[key] = c;
+            }
+        }
+        let status = o.data.get("status").map(|s| keep(s, &["phase", "podIP", "podIPs"]));
+        o.data["spec"] = slim_spec;
+        if let Some(s) = status {
+            o.data["status"] = s;
+        }
+    }
 }
 
 /// Every kind the inventory and the policy readers take, and whether its API is optional (an
@@ -97,7 +125,10 @@ pub async fn list_documents(client: &Client) -> anyhow::Result<Vec<Document>> {
     for (ar, optional) in kinds() {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         match api.list(&ListParams::default()).await {
-            Ok(list) => out.extend(list.items.iter().map(|o| document(&ar, o))),
+            Ok(list) => out.extend(list.items.into_iter().map(|mut o| {
+                slim(&ar.kind)(&mut o);
+                document(&ar, &o)
+            })),
             Err(kube::Error::Api(s)) if optional && s.code == 404 => {}
             Err(e) => return Err(anyhow::Error::new(e).context(format!("listing {} ({})", ar.plural, ar.api_version))),
         }
@@ -119,7 +150,7 @@ impl LiveInventory {
                 if optional {
                     wait_until_served(&api, &ar).await;
                 }
-                let stream = watcher(api, watcher::Config::default()).modify(slim).default_backoff();
+                let stream = watcher(api, watcher::Config::default()).modify(slim(&ar.kind)).default_backoff();
                 reflector::reflector(writer, stream)
                     .for_each(|event| {
                         match event {
@@ -271,5 +302,40 @@ impl TargetPods {
         self.stores
             .iter()
             .all(|(_, s)| futures::FutureExt::now_or_never(s.wait_until_ready()).is_some_and(|r| r.is_ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Inventory;
+
+    /// A slimmed pod still reads as the same pod (ports, addresses, node, account).
+    #[test]
+    fn a_slimmed_pod_reads_the_same() {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "x"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(5000)},
+                "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "n1", "serviceAccountName": "sa", "restartPolicy": "Always",
+                "containers": [{"name": "c", "image": "img", "env": [{"name": "A", "value": "b"}],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}],
+                "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "192.0.2.9", "podIPs": [{"ip": "192.0.2.9"}],
+                "conditions": [{"type": "Ready", "status": "True"}]},
+        });
+        let ar = ApiResource::erase::<Pod>(&());
+        let mut o: DynamicObject = serde_json::from_value(pod).unwrap();
+        slim("Pod")(&mut o);
+        let doc = document(&ar, &o);
+        assert!(doc.value.to_string().len() < 600, "{}", doc.value);
+        let mut inv = Inventory::default();
+        assert!(inv.add_documents(vec![doc]).unwrap().is_empty());
+        inv.index();
+        let p = inv.pod_by_ip("192.0.2.9".parse().unwrap()).unwrap();
+        assert_eq!((p.node_name.as_deref(), p.service_account.as_deref()), (Some("n1"), Some("sa")));
+        assert_eq!(p.named_port("http", crate::model::Protocol::Tcp), Some(8080));
+        assert_eq!(p.labels["app"], "x");
     }
 }

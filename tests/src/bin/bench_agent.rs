@@ -1,0 +1,167 @@
+//! `cargo xtask bench agent` (root): the agent's memory and start-up time against the size of the
+//! cluster it watches, with an empty cluster as the baseline in the same run.
+//!
+//! The stand-in API server (tests/src/apiserver.rs) serves a synthetic cluster in the shape real
+//! objects have (pods with annotations, env, volumes and managed fields; Services with
+//! EndpointSlices; NetworkPolicies). The real `netaudit agent` binary loads the real programs and
+//! watches it; its target matches no pod, so what is measured is the inventory's cost. Figures:
+//! time until `/readyz` answers (every first list arrived) and the agent's resident memory then
+//! and 5 s later (VmRSS, VmHWM from /proc). Three rounds each; the median is printed.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netaudit_tests::{Bpffs, apiserver::FakeApiserver, netaudit_bin};
+use serde_json::{Value, json};
+
+const SIZES: [usize; 3] = [0, 2_000, 10_000];
+const ROUNDS: usize = 3;
+
+fn cluster(pods: usize) -> Vec<Value> {
+    let namespaces = (pods / 50).max(1);
+    let mut out = Vec::new();
+    for n in 0..namespaces {
+        let ns = format!("ns-{n}");
+        out.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}));
+    }
+    for i in 0..20 {
+        out.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{i}")},
+            "status": {"addresses": [{"type": "InternalIP", "address": format!("198.51.100.{i}")}]}}));
+    }
+    for i in 0..pods {
+        let ns = format!("ns-{}", i % namespaces);
+        let app = format!("app-{}", i % 500);
+        let ip = format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256);
+        out.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": format!("{app}-{i:06}"), "namespace": ns,
+                "labels": {"app": app, "pod-template-hash": "6b7d9c8f5"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(1500)},
+                "managedFields": [{"manager": "kube-controller-manager", "operation": "Update",
+                    "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}, "f:spec": {"f:containers": {"x": "y".repeat(800)}}}}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-6b7d9c8f5"), "uid": "u", "controller": true}],
+            },
+            "spec": {
+                "nodeName": format!("node-{}", i % 20), "serviceAccountName": "default",
+                "containers": [{"name": "main", "image": "registry.example.com/app:1.2.3",
+                    "args": ["--log-level=info", "--metrics-addr=:8080"],
+                    "env": (0..10).map(|e| json!({"name": format!("ENV_{e}"), "value": "value"})).collect::<Vec<_>>(),
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]}],
+                "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
+            },
+            "status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "qosClass": "Burstable",
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-24T00:00:00Z"}],
+                "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0, "image": "registry.example.com/app:1.2.3",
+                    "imageID": "registry.example.com/app@sha256:0123456789abcdef", "containerID": "containerd://0123456789abcdef"}],
+            },
+        }));
+    }
+    for s in 0..pods / 10 {
+        let ns = format!("ns-{}", s % namespaces);
+        let name = format!("svc-{s}");
+        out.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": format!("10.96.{}.{}", s / 256, s % 256), "selector": {"app": format!("app-{}", s % 500)},
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}}));
+        out.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-abcde"), "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "endpoints": (0..3).map(|e| json!({"addresses": [format!("10.64.{}.{}", s % 256, e)], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}));
+        out.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": format!("np-{s}"), "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": format!("app-{}", s % 500)}}, "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]}}));
+    }
+    out
+}
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// (seconds to ready, RSS at ready, RSS 5 s later, peak RSS), KiB.
+fn round(api: &FakeApiserver, kubeconfig: &std::path::Path) -> (f64, u64, u64, u64) {
+    let bpffs = Bpffs::mount();
+    let state = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let flows = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let started = Instant::now();
+    let mut child = Command::new(netaudit_bin())
+        .args(["agent", "--node-name", "node-0", "--target", "bench=bench-target/app=none"])
+        .arg("--pin-dir")
+        .arg(bpffs.0.path().join("netaudit"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--flows-listen", &format!("127.0.0.1:{flows}")])
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while get(port, "/readyz").is_none() {
+        assert!(started.elapsed() < Duration::from_secs(120), "the agent never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ready = started.elapsed().as_secs_f64();
+    let at_ready = memory_kib(child.id(), "VmRSS:");
+    std::thread::sleep(Duration::from_secs(5));
+    let later = memory_kib(child.id(), "VmRSS:");
+    let peak = memory_kib(child.id(), "VmHWM:");
+    let _ = child.kill();
+    let _ = child.wait();
+    (ready, at_ready, later, peak)
+}
+
+fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the agent benchmark loads eBPF programs: run it as root (cargo xtask bench agent)");
+        std::process::exit(2);
+    }
+    println!("netaudit agent: start-up and memory vs. cluster size (median of {ROUNDS})");
+    println!("{:>8} {:>9} {:>10} {:>12} {:>13} {:>11}", "pods", "objects", "ready s", "RSS ready", "RSS +5 s", "peak RSS");
+    for pods in SIZES {
+        let objects = cluster(pods);
+        let n = objects.len();
+        let api = FakeApiserver::start(objects);
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = api.kubeconfig(dir.path());
+        let rounds: Vec<_> = (0..ROUNDS).map(|_| round(&api, &kubeconfig)).collect();
+        let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+        println!(
+            "{pods:>8} {n:>9} {:>10.2} {:>12} {:>13} {:>11}",
+            median(rounds.iter().map(|r| r.0).collect()),
+            mib(median(rounds.iter().map(|r| r.1).collect())),
+            mib(median(rounds.iter().map(|r| r.2).collect())),
+            mib(median(rounds.iter().map(|r| r.3).collect())),
+        );
+    }
+}
