@@ -1,6 +1,7 @@
 //! A stand-in Kubernetes API server on 127.0.0.1 for the agent's tests (no cluster runs here):
 //! it serves the objects it is given over real HTTP with the API's paths, list and watch
-//! semantics (resourceVersions, chunked watch streams, label and field selectors), and takes
+//! semantics (resourceVersions, paginated lists, chunked watch streams, label and field
+//! selectors), and takes
 //! creates, patches and deletes, so the real kube-rs client in the real `netaudit` binary talks
 //! to it through a kubeconfig. Kinds it is not told about answer 404, as an API without that
 //! CRD does. It records every request for the test to inspect.
@@ -384,13 +385,22 @@ fn serve(conn: TcpStream, state: &Shared, stop: &AtomicBool) -> std::io::Result<
             write!(w, "0\r\n\r\n")
         }
         ("GET", None) => {
+            // Paginated as the API server does (`limit`, `continue`): clients see pages, never
+            // the whole collection in one body.
             let s = lock.lock().unwrap();
-            let items: Vec<Value> =
-                s.objects.iter().filter(|(k, v)| selected(&req, kind, &ns, k, v)).map(|(_, v)| v.clone()).collect();
+            let all: Vec<&Value> = s.objects.iter().filter(|(k, v)| selected(&req, kind, &ns, k, v)).map(|(_, v)| v).collect();
+            let start: usize = req.query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+            let limit: usize = req.query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+            let end = start.saturating_add(limit).min(all.len());
+            let mut metadata = json!({"resourceVersion": s.rv.to_string()});
+            if end < all.len() {
+                metadata["continue"] = end.to_string().into();
+            }
             let list = json!({
                 "apiVersion": kind.api_version(), "kind": format!("{}List", kind.kind),
-                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items,
+                "metadata": metadata, "items": all[start.min(end)..end],
             });
+            drop(s);
             respond(&mut w, 200, &list)
         }
         ("GET", Some(name)) => {

@@ -181,13 +181,14 @@ impl LiveInventory {
         )
     }
 
-    /// Every object, as documents the file readers take.
-    pub fn documents(&self) -> Vec<Document> {
-        let mut out = Vec::new();
+    /// Hands every object to `f`, one document at a time (never the whole cluster twice in
+    /// memory).
+    pub fn for_each_document(&self, mut f: impl FnMut(Document)) {
         for (ar, store) in &self.stores {
-            out.extend(store.state().iter().map(|o| document(ar, o)));
+            for o in store.state() {
+                f(document(ar, &o));
+            }
         }
-        out
     }
 }
 

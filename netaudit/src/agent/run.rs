@@ -284,18 +284,19 @@ impl Agent {
         }
         let mut inventory = Inventory::default();
         let mut policies = Vec::new();
-        for doc in live.documents() {
+        let unreadable = &mut self.cluster.unreadable;
+        live.for_each_document(|doc| {
             let what = format!("{} {}", doc.origin, doc.describe());
-            let result = inventory.add_documents(vec![doc]).and_then(|rest| policy::from_documents(rest));
+            let result = inventory.add_documents(vec![doc]).and_then(policy::from_documents);
             match result {
                 Ok((found, _)) => policies.extend(found),
                 Err(e) => {
-                    if self.cluster.unreadable.insert(what) {
+                    if unreadable.insert(what) {
                         tracing::warn!("skipping an object the agent cannot read: {e:#}");
                     }
                 }
             }
-        }
+        });
         inventory.index();
         self.cluster.inventory = inventory;
         self.cluster.policies = policies;

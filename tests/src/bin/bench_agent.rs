@@ -103,7 +103,7 @@ fn memory_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// (seconds to ready, RSS at ready, RSS 5 s later, peak RSS), KiB.
-fn round(api: &FakeApiserver, kubeconfig: &std::path::Path) -> (f64, u64, u64, u64) {
+fn round(kubeconfig: &std::path::Path) -> (f64, u64, u64, u64) {
     let bpffs = Bpffs::mount();
     let state = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -154,7 +154,7 @@ fn main() {
         let api = FakeApiserver::start(objects);
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = api.kubeconfig(dir.path());
-        let rounds: Vec<_> = (0..ROUNDS).map(|_| round(&api, &kubeconfig)).collect();
+        let rounds: Vec<_> = (0..ROUNDS).map(|_| round(&kubeconfig)).collect();
         let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
         println!(
             "{pods:>8} {n:>9} {:>10.2} {:>12} {:>13} {:>11}",
