@@ -235,8 +235,13 @@ impl FlowFile {
     /// One file from several (pods, nodes, replicas): flows side by side, losses summed, the
     /// window spanning all of them.
     pub fn merge(files: impl IntoIterator<Item = FlowFile>) -> FlowFile {
-        let mut out =
-            FlowFile { version: FLOW_FILE_VERSION, window: None, sources: vec![], losses: Losses::default(), flows: vec![] };
+        let mut out = FlowFile {
+            version: FLOW_FILE_VERSION,
+            window: None,
+            sources: vec![],
+            losses: Losses::default(),
+            flows: vec![],
+        };
         for f in files {
             let l = &mut out.losses;
             l.flows += f.losses.flows;

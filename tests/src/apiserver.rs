@@ -248,7 +248,8 @@ fn decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        let hex =
+            b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
         match (b[i], hex) {
             (b'%', Some(v)) => {
                 out.push(v);
@@ -316,7 +317,7 @@ fn labels_match(selector: &str, labels: &Value) -> bool {
 fn fields_match(selector: &str, v: &Value) -> bool {
     selector.split(',').filter(|t| !t.is_empty()).all(|term| {
         let (path, want) = term.split_once('=').unwrap_or((term, ""));
-        let got = path.split('.').fold(Some(v), |v, p| v.and_then(|v| v.get(p))).and_then(Value::as_str);
+        let got = path.split('.').try_fold(v, |v, p| v.get(p)).and_then(Value::as_str);
         got == Some(want)
     })
 }
@@ -351,14 +352,21 @@ fn serve(conn: TcpStream, state: &Shared, stop: &AtomicBool) -> std::io::Result<
     let (lock, cv) = &**state;
     lock.lock().unwrap().requests.push(format!("{} {}?{}", req.method, req.path, query.join("&")));
     let Some((kind, ns, name)) = route(&req.path) else {
-        return respond(&mut w, 404, &status(404, "NotFound", format!("the server could not find the requested resource ({})", req.path)));
+        return respond(
+            &mut w,
+            404,
+            &status(404, "NotFound", format!("the server could not find the requested resource ({})", req.path)),
+        );
     };
     let body: Option<Value> = serde_json::from_slice(&req.body).ok();
     match (req.method.as_str(), name) {
         ("GET", None) if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             let since: u64 = req.query.get("resourceVersion").and_then(|r| r.parse().ok()).unwrap_or(0);
             let timeout = req.query.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(290u64).min(290);
-            write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )?;
             w.flush()?;
             let deadline = Instant::now() + Duration::from_secs(timeout);
             let mut sent = since;
@@ -388,9 +396,11 @@ fn serve(conn: TcpStream, state: &Shared, stop: &AtomicBool) -> std::io::Result<
             // Paginated as the API server does (`limit`, `continue`): clients see pages, never
             // the whole collection in one body.
             let s = lock.lock().unwrap();
-            let all: Vec<&Value> = s.objects.iter().filter(|(k, v)| selected(&req, kind, &ns, k, v)).map(|(_, v)| v).collect();
+            let all: Vec<&Value> =
+                s.objects.iter().filter(|(k, v)| selected(&req, kind, &ns, k, v)).map(|(_, v)| v).collect();
             let start: usize = req.query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-            let limit: usize = req.query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+            let limit: usize =
+                req.query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
             let end = start.saturating_add(limit).min(all.len());
             let mut metadata = json!({"resourceVersion": s.rv.to_string()});
             if end < all.len() {
@@ -411,7 +421,9 @@ fn serve(conn: TcpStream, state: &Shared, stop: &AtomicBool) -> std::io::Result<
             }
         }
         ("POST", None) => {
-            let Some(mut v) = body else { return respond(&mut w, 400, &status(400, "BadRequest", "no JSON body".into())) };
+            let Some(mut v) = body else {
+                return respond(&mut w, 400, &status(400, "BadRequest", "no JSON body".into()));
+            };
             if v["metadata"]["name"].is_null() {
                 let prefix = v["metadata"]["generateName"].as_str().unwrap_or("obj-").to_string();
                 let n = lock.lock().unwrap().rv + 1;
@@ -426,7 +438,9 @@ fn serve(conn: TcpStream, state: &Shared, stop: &AtomicBool) -> std::io::Result<
             respond(&mut w, 201, &stored)
         }
         ("PATCH" | "PUT", Some(name)) => {
-            let Some(patch) = body else { return respond(&mut w, 400, &status(400, "BadRequest", "no JSON body".into())) };
+            let Some(patch) = body else {
+                return respond(&mut w, 400, &status(400, "BadRequest", "no JSON body".into()));
+            };
             let key = (kind.plural.to_string(), ns.clone().unwrap_or_default(), name.clone());
             let apply = req.query.contains_key("fieldManager") && req.method == "PATCH";
             let mut s = lock.lock().unwrap();
@@ -437,7 +451,11 @@ fn serve(conn: TcpStream, state: &Shared, stop: &AtomicBool) -> std::io::Result<
                     cur
                 }
                 (None, "PATCH") if !apply => {
-                    return respond(&mut w, 404, &status(404, "NotFound", format!("{} \"{name}\" not found", kind.plural)));
+                    return respond(
+                        &mut w,
+                        404,
+                        &status(404, "NotFound", format!("{} \"{name}\" not found", kind.plural)),
+                    );
                 }
                 _ => patch,
             };

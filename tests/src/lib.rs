@@ -78,7 +78,8 @@ pub struct Bpffs(pub tempfile::TempDir);
 impl Bpffs {
     pub fn mount() -> Bpffs {
         let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap().success();
+        let ok =
+            std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap().success();
         assert!(ok, "mounting a bpffs on {}", dir.path().display());
         Bpffs(dir)
     }
@@ -98,7 +99,9 @@ pub struct KubeletTree {
 
 impl KubeletTree {
     pub fn new(tag: &str) -> KubeletTree {
-        let root = netaudit::capture::cgroup::cgroup2_mount().unwrap().join(format!("netaudit-test-agent-{}-{tag}", std::process::id()));
+        let root = netaudit::capture::cgroup::cgroup2_mount()
+            .unwrap()
+            .join(format!("netaudit-test-agent-{}-{tag}", std::process::id()));
         fs::create_dir(&root).unwrap();
         KubeletTree { root }
     }
@@ -136,7 +139,6 @@ impl Drop for KubeletTree {
         remove(&self.root);
     }
 }
-
 
 pub use netaudit::lab::host::{Actor, Cgroup, Netns};
 

@@ -44,7 +44,8 @@ fn cluster(uid: &str) -> Vec<Value> {
             ("ConfigMap", _) => continue,
             ("Pod", POD) => {
                 v["metadata"]["uid"] = uid.into();
-                v["status"] = json!({"phase": "Running", "qosClass": "Burstable", "podIP": POD_V4, "podIPs": [{"ip": POD_V4}]});
+                v["status"] =
+                    json!({"phase": "Running", "qosClass": "Burstable", "podIP": POD_V4, "podIPs": [{"ip": POD_V4}]});
                 // A second replica on the other node: another agent's business.
                 let mut other = v.clone();
                 other["metadata"]["name"] = "ssc-stageset-controller-6b7d9-zzzzz".into();
@@ -107,15 +108,18 @@ impl Drop for Agent {
     }
 }
 
-fn start_agent(kubeconfig: &Path, args: &[&str]) -> Agent {
+/// Starts the agent with JSON logs appended to `log`.
+fn start_agent(kubeconfig: &Path, args: &[&str], log: &Path) -> Agent {
     let (metrics, flows) = (free_port(), free_port());
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child = Command::new(netaudit_bin())
         .arg("agent")
         .args(args)
         .args(["--listen", &format!("127.0.0.1:{metrics}"), "--flows-listen", &format!("127.0.0.1:{flows}")])
-        .args(["--log", "info"])
+        .args(["--log", "info", "--log-format", "json"])
         .env("KUBECONFIG", kubeconfig)
         .stdin(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     Agent { child, metrics, flows }
@@ -145,23 +149,37 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     let pins = bpffs.0.path().join("netaudit");
     let state = dir.path().join("state");
     let values = dir.path().join("values.yaml");
+    let log = dir.path().join("agent.log");
     // The chart's policy with egress on: DNS only, so the connection to the peer is cut.
     std::fs::write(&values, "networkPolicy: {enabled: true, egress: {enabled: true}}\n").unwrap();
     let root = tree.root.to_str().unwrap();
     let (pins_s, state_s, values_s) = (pins.to_str().unwrap(), state.to_str().unwrap(), values.to_str().unwrap());
     let args = [
-        "--node-name", NODE,
-        "--target", "ssc=stageset-system/app.kubernetes.io/name=stageset-controller",
-        "--mode", "watch", "--values", values_s,
-        "--cgroup-root", root, "--pin-dir", pins_s, "--state-dir", state_s,
-        "--interval", "1s", "--report-interval", "1s",
+        "--node-name",
+        NODE,
+        "--target",
+        "ssc=stageset-system/app.kubernetes.io/name=stageset-controller",
+        "--mode",
+        "watch",
+        "--values",
+        values_s,
+        "--cgroup-root",
+        root,
+        "--pin-dir",
+        pins_s,
+        "--state-dir",
+        state_s,
+        "--interval",
+        "1s",
+        "--report-interval",
+        "1s",
     ];
     let connect = |n: &str| {
         helper(&lab.pod, Some(&container), &["tcp", &format!("{PEER_V4}:80"), n]).unwrap().finish().unwrap();
     };
 
     // 1. Discovery through the API: this node's replica is attached, the other node's is not.
-    let agent = start_agent(&kubeconfig, &args);
+    let agent = start_agent(&kubeconfig, &args, &log);
     wait("the agent to attach to the pod", Duration::from_secs(30), || {
         (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
     });
@@ -175,7 +193,8 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
 
     // 2. Real traffic, recorded and enriched.
     connect("2");
-    let flow = wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 2));
+    let flow =
+        wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 2));
     assert_eq!(flow["direction"], "egress");
     assert_eq!(flow["src"]["identity"]["name"], POD, "{flow:#}");
     assert_eq!(flow["dst"]["identity"]["kind"], "pod");
@@ -191,6 +210,16 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert_eq!(cut["type"], "Warning");
     assert!(cut["note"].as_str().unwrap().contains(&format!("{PEER_V4}:80")), "{cut:#}");
     assert!(metric(agent.metrics, "netaudit_alerts_total{target=\"ssc\",kind=\"cut\"}").unwrap() >= 1.0);
+    // The log line is structured: one JSON object with the alert's fields.
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["alert"] == "Cut")
+        .unwrap_or_else(|| panic!("a JSON drift line in {logs}"));
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["fields"]["pod"], format!("{NS}/{POD}"));
+    assert_eq!(line["fields"]["flow"], format!("egress TCP {POD_V4} -> {PEER_V4}:80"));
     let reports = api.wait_for("flowreports", "the pod's FlowReport", Duration::from_secs(20), |rs| {
         rs.iter().any(|r| r["metadata"]["name"] == POD && r["flowCount"].as_u64() >= Some(1))
     });
@@ -205,11 +234,12 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     });
     drop(agent);
     connect("3");
-    let agent = start_agent(&kubeconfig, &args);
+    let agent = start_agent(&kubeconfig, &args, &log);
     wait("the next agent to attach again", Duration::from_secs(30), || {
         (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
     });
-    let flow = wait("the resumed flow", Duration::from_secs(30), || peer_flow(&agent).filter(|f| f["connections"] == 5));
+    let flow =
+        wait("the resumed flow", Duration::from_secs(30), || peer_flow(&agent).filter(|f| f["connections"] == 5));
     assert_eq!(flow["packets_from_src"].as_u64().map(|p| p > 0), Some(true));
     // The flow was judged before the kill: the next agent does not raise it again.
     std::thread::sleep(Duration::from_secs(2));
@@ -217,7 +247,9 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert_eq!(cut_events, 1, "one Event for one cut flow, across the restart: {:#?}", api.objects("events"));
     api.wait_for("flowreports", "the updated FlowReport", Duration::from_secs(20), |rs| {
         rs.iter().any(|r| {
-            r["flows"]["flows"].as_array().is_some_and(|fs| fs.iter().any(|f| f["dst"]["ip"] == PEER_V4 && f["connections"] == 5))
+            r["flows"]["flows"]
+                .as_array()
+                .is_some_and(|fs| fs.iter().any(|f| f["dst"]["ip"] == PEER_V4 && f["connections"] == 5))
         })
     });
 

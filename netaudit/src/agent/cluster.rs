@@ -203,7 +203,11 @@ async fn wait_until_served(api: &Api<DynamicObject>, ar: &ApiResource) {
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 if !said {
-                    tracing::info!("{} ({}) is not served here: looking again every {PROBE_PERIOD:?}", ar.kind, ar.api_version);
+                    tracing::info!(
+                        "{} ({}) is not served here: looking again every {PROBE_PERIOD:?}",
+                        ar.kind,
+                        ar.api_version
+                    );
                     said = true;
                 }
             }
@@ -228,9 +232,8 @@ impl TargetPods {
             let config = watcher::Config::default().fields(&format!("spec.nodeName={node}")).labels(&t.selector);
             let name = t.name.clone();
             tokio::spawn(async move {
-                let stream = watcher(api, config)
-                    .modify(|p: &mut Pod| p.managed_fields_mut().clear())
-                    .default_backoff();
+                let stream =
+                    watcher(api, config).modify(|p: &mut Pod| p.managed_fields_mut().clear()).default_backoff();
                 reflector::reflector(writer, stream)
                     .for_each(|event| {
                         if let Err(e) = event {

@@ -199,7 +199,8 @@ mod tests {
     fn the_config_file_names_the_bad_field() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("agent.yaml");
-        std::fs::write(&p, "targets:\n- {name: ssc, namespace: flux-system, selector: app=x}\nintervall: 5s\n").unwrap();
+        std::fs::write(&p, "targets:\n- {name: ssc, namespace: flux-system, selector: app=x}\nintervall: 5s\n")
+            .unwrap();
         let e = File::load(&p).unwrap_err().to_string();
         assert!(e.contains("agent.yaml") && e.contains("intervall"), "{e}");
         std::fs::write(&p, "targets:\n- {name: ssc, namespace: flux-system, selector: app=x}\ninterval: 5 parsecs\n")

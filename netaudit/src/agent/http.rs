@@ -72,7 +72,11 @@ fn flows_route(path: &str, shared: &Shared) -> Response<Full<Bytes>> {
         "/flows" => reply(StatusCode::OK, json, p.flows.clone()),
         "/report" => match &p.report {
             Some(r) => reply(StatusCode::OK, json, r.clone()),
-            None => reply(StatusCode::NOT_FOUND, "text/plain", "no report: the agent judges flows in --mode watch only\n".into()),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no report: the agent judges flows in --mode watch only\n".into(),
+            ),
         },
         _ => match path.strip_prefix("/flows/").and_then(|id| p.pods.get(id)) {
             Some(f) => reply(StatusCode::OK, json, f.clone()),
@@ -90,9 +94,16 @@ fn flows_route(path: &str, shared: &Shared) -> Response<Full<Bytes>> {
 
 /// Binds both listeners now (a port in use is an error at start, not later) and serves them on
 /// the current runtime.
-pub async fn serve(metrics: SocketAddr, flows: SocketAddr, registry: Arc<Registry>, shared: Shared) -> anyhow::Result<()> {
-    let m = tokio::net::TcpListener::bind(metrics).await.with_context(|| format!("listening on {metrics} (--listen)"))?;
-    let f = tokio::net::TcpListener::bind(flows).await.with_context(|| format!("listening on {flows} (--flows-listen)"))?;
+pub async fn serve(
+    metrics: SocketAddr,
+    flows: SocketAddr,
+    registry: Arc<Registry>,
+    shared: Shared,
+) -> anyhow::Result<()> {
+    let m =
+        tokio::net::TcpListener::bind(metrics).await.with_context(|| format!("listening on {metrics} (--listen)"))?;
+    let f =
+        tokio::net::TcpListener::bind(flows).await.with_context(|| format!("listening on {flows} (--flows-listen)"))?;
     tracing::info!("metrics on http://{metrics}/metrics, flows on http://{flows}/flows");
     let s = shared.clone();
     spawn_listener(m, move |path| metrics_route(path, &registry, &s));

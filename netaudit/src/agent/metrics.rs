@@ -58,7 +58,11 @@ impl Metrics {
             "Drift alerts withheld by the per-pod rate limit (counted, not raised)",
             self.alerts_suppressed.clone(),
         );
-        r.register("attached_pods", "Target pods whose cgroup the programs are attached to", self.attached_pods.clone());
+        r.register(
+            "attached_pods",
+            "Target pods whose cgroup the programs are attached to",
+            self.attached_pods.clone(),
+        );
         r.register("attach_errors", "Failures to attach to a target pod", self.attach_errors.clone());
         r.register(
             "lost",
@@ -70,7 +74,11 @@ impl Metrics {
             "Kernel time spent in each program since load (needs kernel.bpf_stats_enabled=1)",
             self.program_run_seconds.clone(),
         );
-        r.register("program_runs", "Runs of each program since load (needs kernel.bpf_stats_enabled=1)", self.program_runs.clone());
+        r.register(
+            "program_runs",
+            "Runs of each program since load (needs kernel.bpf_stats_enabled=1)",
+            self.program_runs.clone(),
+        );
         r.register(
             "program_stats_enabled",
             "1 when the kernel counts program run time (sysctl kernel.bpf_stats_enabled)",

@@ -109,7 +109,8 @@ pub async fn fetch(client: &Client, namespace: Option<&str>, target: Option<&str
     })?;
     let mut out = Vec::new();
     for o in list {
-        let id = format!("{}/{}", o.metadata.namespace.as_deref().unwrap_or(""), o.metadata.name.as_deref().unwrap_or(""));
+        let id =
+            format!("{}/{}", o.metadata.namespace.as_deref().unwrap_or(""), o.metadata.name.as_deref().unwrap_or(""));
         let flows: FlowFile = serde_json::from_value(o.data.get("flows").cloned().unwrap_or(Value::Null))
             .map_err(|e| anyhow::anyhow!("FlowReport {id}: `flows` is not a flow file: {e}"))?;
         out.push(Fetched {
@@ -151,8 +152,13 @@ mod tests {
             cgroup: None,
             internal: false,
         };
-        let file =
-            FlowFile { version: 1, window: None, sources: vec![], losses: Losses::default(), flows: (0..20_000).map(flow).collect() };
+        let file = FlowFile {
+            version: 1,
+            window: None,
+            sources: vec![],
+            losses: Losses::default(),
+            flows: (0..20_000).map(flow).collect(),
+        };
         let pod = PodRef { target: "ssc".into(), namespace: "ns".into(), name: "p".into(), uid: "u".into(), qos: None };
         let o = report_object(&pod, "node-a", &file);
         let kept = o["flows"]["flows"].as_array().unwrap();

@@ -132,7 +132,8 @@ impl Agent {
         }
         crate::capture::preflight()?;
         let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
-        let capture = Capture::start(&CaptureConfig { cgroups: vec![], max_flows: config.max_flows, persist: Some(persist) })?;
+        let capture =
+            Capture::start(&CaptureConfig { cgroups: vec![], max_flows: config.max_flows, persist: Some(persist) })?;
         let known = load_known(&config.state_dir.join(PODS_FILE))?;
         let mut detector = Detector::new(Limits::default());
         if let Ok(seen) = std::fs::read_to_string(config.state_dir.join(SEEN_FILE)) {
@@ -449,7 +450,13 @@ impl Agent {
             note.truncate(end);
             note += "...";
         }
-        let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: "Audit".into(), secondary: None };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Audit".into(),
+            secondary: None,
+        };
         match recorder.publish(&event, &pod.object_ref()).await {
             Ok(()) => {
                 self.metrics.events_published.inc();
@@ -467,10 +474,10 @@ impl Agent {
         for (pod, file) in per_pod {
             // The window's end moves every time: compare the flows alone.
             let fingerprint = serde_json::to_string(&file.flows).unwrap_or_default();
-            if let Some((before, at)) = self.reported.get(&pod.uid) {
-                if *before == fingerprint || (!last && at.elapsed() < self.config.report_interval) {
-                    continue;
-                }
+            if let Some((before, at)) = self.reported.get(&pod.uid)
+                && (*before == fingerprint || (!last && at.elapsed() < self.config.report_interval))
+            {
+                continue;
             }
             match reports::publish(client, pod, &self.config.node_name, file).await {
                 Ok(()) => {

@@ -355,7 +355,8 @@ impl Capture {
         if p.saved == Some(size) {
             return Ok(());
         }
-        let state = SavedState { started: rfc3339(self.started), names: self.dns.clone(), sources: self.sources.clone() };
+        let state =
+            SavedState { started: rfc3339(self.started), names: self.dns.clone(), sources: self.sources.clone() };
         crate::output::write_atomically(&p.state_file, &serde_json::to_string(&state)?)?;
         p.saved = Some(size);
         Ok(())
@@ -527,7 +528,8 @@ fn to_flow(key: &FlowKey, stats: &FlowStats, clock: &Clock, dns: &DnsNames, cgro
     };
     let protocol = Protocol::from_number(key.protocol);
     let service_port = (protocol.has_ports() && key.service_port != 0).then_some(key.service_port);
-    let endpoint = |addr: IpAddr, port: Option<u16>| Endpoint { ip: addr, port, names: dns.names_of(&addr), identity: None };
+    let endpoint =
+        |addr: IpAddr, port: Option<u16>| Endpoint { ip: addr, port, names: dns.names_of(&addr), identity: None };
     let local = ip(&key.local_addr);
     let remote = ip(&key.remote_addr);
     let outbound = key.initiator == INITIATOR_LOCAL;

@@ -8,8 +8,7 @@ use netaudit::{
     agent::{
         config::{Config, File, Mode, Target},
         manifests::{METRICS_PORT, STATE_DIR},
-        reports,
-        run,
+        reports, run,
     },
     capture::{Capture, DEFAULT_MAX_FLOWS, Persist},
     model::FlowFile,
@@ -93,7 +92,10 @@ fn config(a: Args) -> Result<Config> {
         state_dir: a.state_dir.or(file.state_dir).unwrap_or_else(|| STATE_DIR.into()),
         max_flows: a.max_flows.or(file.max_flows).unwrap_or(DEFAULT_MAX_FLOWS),
         listen: a.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], METRICS_PORT))),
-        flows_listen: a.flows_listen.or(file.flows_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], FLOWS_PORT))),
+        flows_listen: a
+            .flows_listen
+            .or(file.flows_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], FLOWS_PORT))),
         interval: a.interval.or(file.interval).unwrap_or(Duration::from_secs(5)),
         report_interval: a.report_interval.or(file.report_interval).unwrap_or(Duration::from_secs(60)),
         publish: !a.no_reports && file.publish.unwrap_or(true),
@@ -109,7 +111,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         for f in [run::PODS_FILE, run::SEEN_FILE] {
             let _ = std::fs::remove_file(config.state_dir.join(f));
         }
-        eprintln!("netaudit: removed the pins under {} and the state in {}", config.pin_dir.display(), config.state_dir.display());
+        eprintln!(
+            "netaudit: removed the pins under {} and the state in {}",
+            config.pin_dir.display(),
+            config.state_dir.display()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     run::run(config)?;

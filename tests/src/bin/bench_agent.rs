@@ -147,7 +147,10 @@ fn main() {
         std::process::exit(2);
     }
     println!("netaudit agent: start-up and memory vs. cluster size (median of {ROUNDS})");
-    println!("{:>8} {:>9} {:>10} {:>12} {:>13} {:>11}", "pods", "objects", "ready s", "RSS ready", "RSS +5 s", "peak RSS");
+    println!(
+        "{:>8} {:>9} {:>10} {:>12} {:>13} {:>11}",
+        "pods", "objects", "ready s", "RSS ready", "RSS +5 s", "peak RSS"
+    );
     for pods in SIZES {
         let objects = cluster(pods);
         let n = objects.len();
