@@ -10,7 +10,7 @@
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Namespace, ServiceAccount},
+        core::v1::{ConfigMap, Namespace, ServiceAccount},
         networking::v1::NetworkPolicy,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
@@ -43,7 +43,13 @@ pub struct Options {
     pub targets: Vec<String>,
     /// learn or watch.
     pub mode: String,
+    /// Watch mode: the chart's values (file contents), shipped as a ConfigMap and passed to
+    /// `--values`, for judging against the chart's policy before it is applied.
+    pub values: Option<String>,
 }
+
+/// Where the values ConfigMap is mounted in the agent's container.
+const VALUES_DIR: &str = "/etc/netaudit";
 
 impl Default for Options {
     fn default() -> Options {
@@ -55,6 +61,7 @@ impl Default for Options {
             metrics_from_namespace: "monitoring".into(),
             targets: vec![format!("{CHART}=stageset-system/app.kubernetes.io/name={CHART}")],
             mode: "learn".into(),
+            values: None,
         }
     }
 }
@@ -110,6 +117,13 @@ pub fn bundle(o: &Options) -> anyhow::Result<Vec<Value>> {
         typed::<CustomResourceDefinition>(flow_report_crd(&labels))?,
         typed::<DaemonSet>(daemonset(o, name, &labels))?,
     ];
+    if let Some(values) = &o.values {
+        out.push(typed::<ConfigMap>(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("{name}-values"), "namespace": ns, "labels": labels},
+            "data": {"values.yaml": values},
+        }))?);
+    }
     out.push(typed::<NetworkPolicy>(json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": name, "namespace": ns, "labels": labels},
@@ -133,7 +147,7 @@ pub fn bundle(o: &Options) -> anyhow::Result<Vec<Value>> {
 
 fn daemonset(o: &Options, name: &str, labels: &Value) -> Value {
     let volume = |n: &str, path: &str, type_: &str| json!({"name": n, "hostPath": {"path": path, "type": type_}});
-    json!({
+    let mut ds = json!({
         "apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": name, "namespace": o.namespace, "labels": labels},
         "spec": {
@@ -186,7 +200,21 @@ fn daemonset(o: &Options, name: &str, labels: &Value) -> Value {
                 },
             },
         },
-    })
+    });
+    if o.values.is_some() {
+        let pod = &mut ds["spec"]["template"]["spec"];
+        let c = &mut pod["containers"][0];
+        push(&mut c["args"], json!(["--values", format!("{VALUES_DIR}/values.yaml")]));
+        push(&mut c["volumeMounts"], json!([{"name": "values", "mountPath": VALUES_DIR, "readOnly": true}]));
+        push(&mut pod["volumes"], json!([{"name": "values", "configMap": {"name": format!("{name}-values")}}]));
+    }
+    ds
+}
+
+fn push(list: &mut Value, more: Value) {
+    if let (Some(l), Value::Array(m)) = (list.as_array_mut(), more) {
+        l.extend(m);
+    }
 }
 
 /// FlowReport: one per audited pod, the flows its node's agent recorded. Written only by the
@@ -250,6 +278,18 @@ mod tests {
     fn every_object_is_its_api_type_and_unprivileged() {
         let objects = bundle(&Options::default()).unwrap();
         assert_eq!(objects.len(), 7);
+        // Watch mode with the chart's values: a ConfigMap, mounted and passed to --values.
+        let with_values = bundle(&Options {
+            mode: "watch".into(),
+            values: Some("networkPolicy: {enabled: true}\n".into()),
+            ..Options::default()
+        })
+        .unwrap();
+        let cm = with_values.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
+        assert_eq!(cm["data"]["values.yaml"], "networkPolicy: {enabled: true}\n");
+        let ds = with_values.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
+        assert!(args.windows(2).any(|w| w[0] == "--values" && w[1] == "/etc/netaudit/values.yaml"), "{args:?}");
         let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
         let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
         assert_eq!(sc["privileged"], false);

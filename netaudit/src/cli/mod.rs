@@ -9,7 +9,7 @@ mod record;
 
 use std::{io::Write, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use clap::{Parser, Subcommand};
 
@@ -91,11 +91,29 @@ struct ManifestsArgs {
     /// The agent's mode.
     #[arg(long, value_enum, default_value_t = netaudit::agent::config::Mode::Learn)]
     mode: netaudit::agent::config::Mode,
+    /// Watch mode: the chart's values; shipped as a ConfigMap, the agent judges flows against
+    /// the policy the chart renders from them (before it is applied).
+    #[arg(long, value_name = "FILE")]
+    values: Option<std::path::PathBuf>,
 }
 
 fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
-    use netaudit::agent::manifests::{Options, bundle_yaml};
+    use netaudit::agent::{
+        config::Mode,
+        manifests::{Options, bundle_yaml},
+    };
     let defaults = Options::default();
+    let values = match &a.values {
+        None => None,
+        Some(_) if a.mode != Mode::Watch => {
+            return Err(BadInput("--values is for watch mode (the policies in force); add --mode watch".into()).into());
+        }
+        Some(p) => {
+            // Checked now, not on every node at start.
+            netaudit::chart::Values::load(p)?;
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+    };
     let o = Options {
         namespace: a.namespace,
         image: a.image.unwrap_or(defaults.image),
@@ -112,6 +130,7 @@ fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
             a.targets.iter().map(|t| format!("{}={}/{}", t.name, t.namespace, t.selector)).collect()
         },
         mode: format!("{:?}", a.mode).to_lowercase(),
+        values,
     };
     std::io::stdout().lock().write_all(bundle_yaml(&o)?.as_bytes())?;
     Ok(ExitCode::SUCCESS)
