@@ -65,8 +65,11 @@ fn cluster(uid: &str) -> Vec<Value> {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Two distinct free loopback ports (both held while choosing, so they cannot be the same).
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 fn get(port: u16, path: &str) -> Option<String> {
@@ -110,7 +113,7 @@ impl Drop for Agent {
 
 /// Starts the agent with JSON logs appended to `log`.
 fn start_agent(kubeconfig: &Path, args: &[&str], log: &Path) -> Agent {
-    let (metrics, flows) = (free_port(), free_port());
+    let (metrics, flows) = free_ports();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child = Command::new(netaudit_bin())
         .arg("agent")

@@ -106,8 +106,10 @@ fn memory_kib(pid: u32, field: &str) -> u64 {
 fn round(kubeconfig: &std::path::Path) -> (f64, u64, u64, u64) {
     let bpffs = Bpffs::mount();
     let state = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let flows = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (a, b) =
+        (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let (port, flows) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+    drop((a, b));
     let started = Instant::now();
     let mut child = Command::new(netaudit_bin())
         .args(["agent", "--node-name", "node-0", "--target", "bench=bench-target/app=none"])
