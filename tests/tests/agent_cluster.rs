@@ -4,8 +4,9 @@
 //!
 //! - the agent finds the pod through a node-local watch (the replica on another node is left
 //!   alone), attaches to its cgroup, records its flows and enriches them with identities;
-//! - in watch mode a flow the chart's policy cuts raises a `FlowCut` Event on the pod, a metric
-//!   and a log line; the pod's FlowReport is published by server-side apply;
+//! - in watch mode a flow the chart's policy cuts raises a `FlowCut` Event on the pod, one the
+//!   matrix does not expect an `UnexpectedFlow` Event, each with a metric and a JSON log line;
+//!   the pod's FlowReport is published by server-side apply;
 //! - SIGKILL mid-recording loses nothing: connections made while no agent ran are counted when
 //!   the next one resumes;
 //! - `netaudit report` and `propose --from-cluster` read the FlowReports back through the API;
@@ -194,8 +195,10 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         api.requests()
     );
 
-    // 2. Real traffic, recorded and enriched.
+    // 2. Real traffic, recorded and enriched: TCP to the peer's port 80 (a source-controller port
+    // in the matrix) and UDP to its port 7 (no matrix row: unexpected).
     connect("2");
+    helper(&lab.pod, Some(&container), &["udp", &format!("{PEER_V4}:7"), "1"]).unwrap().finish().unwrap();
     let flow =
         wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 2));
     assert_eq!(flow["direction"], "egress");
@@ -209,10 +212,20 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     let events = api.wait_for("events", "a FlowCut Event", Duration::from_secs(20), |evs| {
         evs.iter().any(|e| e["reason"] == "FlowCut" && e["regarding"]["name"] == POD)
     });
-    let cut = events.iter().find(|e| e["reason"] == "FlowCut").unwrap();
+    let cut = events.iter().find(|e| e["reason"] == "FlowCut" && e["note"].as_str().unwrap().contains(":80")).unwrap();
     assert_eq!(cut["type"], "Warning");
     assert!(cut["note"].as_str().unwrap().contains(&format!("{PEER_V4}:80")), "{cut:#}");
     assert!(metric(agent.metrics, "netaudit_alerts_total{target=\"ssc\",kind=\"cut\"}").unwrap() >= 1.0);
+    let events = api.wait_for("events", "an UnexpectedFlow Event", Duration::from_secs(20), |evs| {
+        evs.iter().any(|e| e["reason"] == "UnexpectedFlow" && e["regarding"]["name"] == POD)
+    });
+    let unexpected: Vec<&Value> = events.iter().filter(|e| e["reason"] == "UnexpectedFlow").collect();
+    assert_eq!(unexpected.len(), 1, "only the UDP flow is unexpected: {unexpected:#?}");
+    assert!(
+        unexpected[0]["note"].as_str().unwrap().contains(&format!("UDP {POD_V4} -> {PEER_V4}:7")),
+        "{unexpected:#?}"
+    );
+    assert!(metric(agent.metrics, "netaudit_alerts_total{target=\"ssc\",kind=\"unexpected\"}").unwrap() >= 1.0);
     // The log line is structured: one JSON object with the alert's fields.
     let logs = std::fs::read_to_string(&log).unwrap();
     let line: Value = logs
@@ -246,7 +259,11 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert_eq!(flow["packets_from_src"].as_u64().map(|p| p > 0), Some(true));
     // The flow was judged before the kill: the next agent does not raise it again.
     std::thread::sleep(Duration::from_secs(2));
-    let cut_events = api.objects("events").iter().filter(|e| e["reason"] == "FlowCut").count();
+    let cut_events = api
+        .objects("events")
+        .iter()
+        .filter(|e| e["reason"] == "FlowCut" && e["note"].as_str().is_some_and(|n| n.contains(":80")))
+        .count();
     assert_eq!(cut_events, 1, "one Event for one cut flow, across the restart: {:#?}", api.objects("events"));
     api.wait_for("flowreports", "the updated FlowReport", Duration::from_secs(20), |rs| {
         rs.iter().any(|r| {

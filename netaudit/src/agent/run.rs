@@ -345,6 +345,7 @@ impl Agent {
             match check.run(&file) {
                 Ok(report) => {
                     let alerts = self.detector.observe(&file, &report, Instant::now());
+                    let raised = !alerts.is_empty();
                     for a in alerts {
                         self.raise(recorder, &a).await;
                     }
@@ -354,10 +355,11 @@ impl Agent {
                         }
                     }
                     report_json = Some(serde_json::to_string_pretty(&report)?);
-                    // Bounded writes (the record grows with the flow map); a SIGKILL loses at
-                    // most SEEN_SAVE_PERIOD of it: some alerts again, still rate-limited.
+                    // Saved right after alerts were raised (so a restart does not repeat them),
+                    // else at most every SEEN_SAVE_PERIOD (the record grows with the flow map):
+                    // a SIGKILL loses at most that much of the quiet part.
                     let due = self.saved_seen.1.is_none_or(|t| t.elapsed() >= SEEN_SAVE_PERIOD);
-                    if due || last {
+                    if raised || due || last {
                         let seen = self.detector.seen_json(Instant::now());
                         if seen != self.saved_seen.0 {
                             crate::output::write_atomically(&self.config.state_dir.join(SEEN_FILE), &seen)?;
