@@ -322,13 +322,21 @@ impl Agent {
         let synced = live.synced();
         let mut report_json = None;
         if let Some(judge) = self.judge.as_ref().filter(|_| synced) {
-            let pod = per_pod.first().map(|(p, _)| p);
+            // The chart's release: from an audited pod the chart made (other targets may be
+            // other workloads), as `check` finds it in an inventory.
+            let inventory = &self.cluster.inventory;
+            let chart_pod = per_pod
+                .iter()
+                .filter_map(|(p, _)| inventory.pod(&p.namespace, &p.name))
+                .find(|p| p.labels.get("app.kubernetes.io/name").map(String::as_str) == Some(CHART_NAME));
             let release = Release {
-                name: pod
-                    .and_then(|p| self.cluster.inventory.pod(&p.namespace, &p.name))
+                name: chart_pod
                     .and_then(|p| p.labels.get("app.kubernetes.io/instance").cloned())
                     .unwrap_or_else(|| CHART_NAME.into()),
-                namespace: pod.map(|p| p.namespace.clone()).unwrap_or_else(|| "default".into()),
+                namespace: chart_pod
+                    .map(|p| p.namespace.clone())
+                    .or_else(|| per_pod.first().map(|(p, _)| p.namespace.clone()))
+                    .unwrap_or_else(|| "default".into()),
             };
             let mut policies = self.cluster.policies.clone();
             if judge.values_given {
