@@ -13,8 +13,6 @@
 //! - a deleted pod is detached; SIGTERM leaves the pins; `agent --cleanup` removes them.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -25,8 +23,8 @@ use netaudit::{
     model::FlowFile,
 };
 use netaudit_tests::{
-    Bpffs, KubeletTree, Lab, PEER_V4, POD_V4, apiserver::FakeApiserver, fixtures, helper, netaudit_bin, require_kernel,
-    start_peer_services,
+    Bpffs, KubeletTree, Lab, PEER_V4, POD_V4, apiserver::FakeApiserver, fixtures, free_ports, helper, http_get,
+    netaudit_bin, require_kernel, start_peer_services,
 };
 use serde_json::{Value, json};
 
@@ -66,23 +64,6 @@ fn cluster(uid: &str) -> Vec<Value> {
     out
 }
 
-/// Two distinct free loopback ports (both held while choosing, so they cannot be the same).
-fn free_ports() -> (u16, u16) {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
 fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -96,7 +77,7 @@ fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T
 
 /// The value of a metric line starting with `series` (`name{labels}`).
 fn metric(port: u16, series: &str) -> Option<f64> {
-    get(port, "/metrics")?.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+    http_get(port, "/metrics")?.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
 }
 
 struct Agent {
@@ -131,7 +112,7 @@ fn start_agent(kubeconfig: &Path, args: &[&str], log: &Path) -> Agent {
 
 /// The flow to the peer's port 80 in the agent's /flows.
 fn peer_flow(agent: &Agent) -> Option<Value> {
-    let file: Value = serde_json::from_str(&get(agent.flows, "/flows")?).ok()?;
+    let file: Value = serde_json::from_str(&http_get(agent.flows, "/flows")?).ok()?;
     file["flows"].as_array()?.iter().find(|f| f["dst"]["ip"] == PEER_V4 && f["dst"]["port"] == 80).cloned()
 }
 
@@ -205,8 +186,8 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert_eq!(flow["src"]["identity"]["name"], POD, "{flow:#}");
     assert_eq!(flow["dst"]["identity"]["kind"], "pod");
     assert_eq!(flow["dst"]["identity"]["namespace"], "flux-system");
-    assert!(get(agent.flows, &format!("/flows/{NS}/{POD}")).is_some(), "per-pod flows");
-    assert!(get(agent.metrics, "/flows").is_none(), "flows are not on the metrics port");
+    assert!(http_get(agent.flows, &format!("/flows/{NS}/{POD}")).is_some(), "per-pod flows");
+    assert!(http_get(agent.metrics, "/flows").is_none(), "flows are not on the metrics port");
 
     // 3. Watch mode: the cut flow raises an Event on the pod, a metric, and a FlowReport appears.
     let events = api.wait_for("events", "a FlowCut Event", Duration::from_secs(20), |evs| {

@@ -45,7 +45,8 @@ const PROBE_PERIOD: Duration = Duration::from_secs(300);
 /// The cluster's objects as the reflectors hold them now.
 #[derive(Clone)]
 pub struct LiveInventory {
-    stores: Vec<(ApiResource, Store<DynamicObject>)>,
+    /// Per kind: whether its API is optional (an engine's), and its store.
+    stores: Vec<(ApiResource, bool, Store<DynamicObject>)>,
     /// Bumped on every change: the agent rebuilds its inventory only when it moved.
     generation: Arc<AtomicU64>,
 }
@@ -143,7 +144,7 @@ impl LiveInventory {
         let mut stores = Vec::new();
         for (ar, optional) in kinds() {
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-            stores.push((ar.clone(), writer.as_reader()));
+            stores.push((ar.clone(), optional, writer.as_reader()));
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let generation = Arc::clone(&generation);
             tokio::spawn(async move {
@@ -173,23 +174,27 @@ impl LiveInventory {
 
     /// Whether the initial list of every always-served kind has arrived.
     pub fn synced(&self) -> bool {
-        self.stores.iter().filter(|(ar, _)| !POLICY_KINDS.iter().any(|k| k.3 == ar.plural && k.0 == ar.group)).all(
-            |(_, s)| {
-                // A store answers `ready` once its first list completed.
-                futures::FutureExt::now_or_never(s.wait_until_ready()).is_some_and(|r| r.is_ok())
-            },
-        )
+        self.stores.iter().filter(|(_, optional, _)| !optional).all(|(_, _, s)| ready(s))
     }
 
     /// Hands every object to `f`, one document at a time (never the whole cluster twice in
     /// memory).
     pub fn for_each_document(&self, mut f: impl FnMut(Document)) {
-        for (ar, store) in &self.stores {
+        for (ar, _, store) in &self.stores {
             for o in store.state() {
                 f(document(ar, &o));
             }
         }
     }
+}
+
+/// Whether a store's first list has completed (without waiting).
+fn ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
 /// Waits until `ar` is served (its CRD or aggregated API installed); says so once.
@@ -303,9 +308,7 @@ impl TargetPods {
 
     /// Whether every target's first list has arrived (before that, "no pods" means "not yet").
     pub fn synced(&self) -> bool {
-        self.stores
-            .iter()
-            .all(|(_, s)| futures::FutureExt::now_or_never(s.wait_until_ready()).is_some_and(|r| r.is_ok()))
+        self.stores.iter().all(|(_, s)| ready(s))
     }
 }
 

@@ -411,13 +411,7 @@ impl Capture {
             for a in self.attached.values() {
                 unpin_links(&a.pinned)?;
             }
-            for m in MAPS {
-                let _ = std::fs::remove_file(p.pins.join("maps").join(m));
-            }
-            for d in [p.pins.join("maps"), p.pins.join("links"), p.pins.clone()] {
-                let _ = std::fs::remove_dir(d);
-            }
-            let _ = std::fs::remove_file(&p.state_file);
+            remove_maps_and_state(&p.pins, &p.state_file);
         }
         drop(self);
         Ok(file)
@@ -443,13 +437,7 @@ impl Capture {
             Err(_) => Vec::new(),
         };
         unpin_links(&links)?;
-        for m in MAPS {
-            let _ = std::fs::remove_file(pins.join("maps").join(m));
-        }
-        for d in [pins.join("maps"), pins.join("links"), pins] {
-            let _ = std::fs::remove_dir(d);
-        }
-        let _ = std::fs::remove_file(persist.state_dir.join(STATE_FILE));
+        remove_maps_and_state(&pins, &persist.state_dir.join(STATE_FILE));
         Ok(())
     }
 
@@ -466,6 +454,18 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// Removes a persistent capture's pinned maps, its (by then empty) pin directories and its state
+/// file; the links are unpinned first by the caller.
+fn remove_maps_and_state(pins: &std::path::Path, state_file: &std::path::Path) {
+    for m in MAPS {
+        let _ = std::fs::remove_file(pins.join("maps").join(m));
+    }
+    for d in [pins.join("maps"), pins.join("links"), pins.to_path_buf()] {
+        let _ = std::fs::remove_dir(d);
+    }
+    let _ = std::fs::remove_file(state_file);
 }
 
 /// Unpinning a pinned link and dropping it detaches its program.

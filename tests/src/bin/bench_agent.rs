@@ -9,13 +9,11 @@
 //! and 5 s later (VmRSS, VmHWM from /proc). Three rounds each; the median is printed.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use netaudit_tests::{Bpffs, apiserver::FakeApiserver, netaudit_bin};
+use netaudit_tests::{Bpffs, apiserver::FakeApiserver, free_ports, http_get, netaudit_bin};
 use serde_json::{Value, json};
 
 const SIZES: [usize; 3] = [0, 2_000, 10_000];
@@ -83,15 +81,6 @@ fn cluster(pods: usize) -> Vec<Value> {
     out
 }
 
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.starts_with("HTTP/1.1 200").then_some(text)
-}
-
 fn memory_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -106,10 +95,7 @@ fn memory_kib(pid: u32, field: &str) -> u64 {
 fn round(kubeconfig: &std::path::Path) -> (f64, u64, u64, u64) {
     let bpffs = Bpffs::mount();
     let state = tempfile::tempdir().unwrap();
-    let (a, b) =
-        (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    let (port, flows) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
-    drop((a, b));
+    let (port, flows) = free_ports();
     let started = Instant::now();
     let mut child = Command::new(netaudit_bin())
         .args(["agent", "--node-name", "node-0", "--target", "bench=bench-target/app=none"])
@@ -123,7 +109,7 @@ fn round(kubeconfig: &std::path::Path) -> (f64, u64, u64, u64) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    while get(port, "/readyz").is_none() {
+    while http_get(port, "/readyz").is_none() {
         assert!(started.elapsed() < Duration::from_secs(120), "the agent never became ready");
         std::thread::sleep(Duration::from_millis(20));
     }
