@@ -1,12 +1,14 @@
-//! `netaudit agent` end to end, against a stand-in API server (tests/src/apiserver.rs: real HTTP,
-//! list + watch) serving the test cluster's objects, with a target pod whose cgroup is a real
-//! kubelet-layout cgroup holding a real process that makes real connections:
+//! `netaudit agent` end to end against a real control plane (etcd + kube-apiserver, started
+//! privately for the test by tests/src/cluster.rs) with the install bundle applied as committed:
+//! the agent runs under the bundle's ServiceAccount and ClusterRole, with a token from the
+//! TokenRequest API. The target pod's cgroup is a real kubelet-layout cgroup holding a real
+//! process that makes real connections:
 //!
 //! - the agent finds the pod through a node-local watch (the replica on another node is left
 //!   alone), attaches to its cgroup, records its flows and enriches them with identities;
 //! - in watch mode a flow the chart's policy cuts raises a `FlowCut` Event on the pod, one the
 //!   matrix does not expect an `UnexpectedFlow` Event, each with a metric and a JSON log line;
-//!   the pod's FlowReport is published by server-side apply;
+//!   the pod's FlowReport is published by server-side apply (and accepted by the CRD's schema);
 //! - SIGKILL mid-recording loses nothing: connections made while no agent ran are counted when
 //!   the next one resumes;
 //! - `netaudit report` and `propose --from-cluster` read the FlowReports back through the API;
@@ -23,45 +25,65 @@ use netaudit::{
     model::FlowFile,
 };
 use netaudit_tests::{
-    Bpffs, KubeletTree, Lab, PEER_V4, POD_V4, apiserver::FakeApiserver, fixtures, free_ports, helper, http_get,
+    Bpffs, KubeletTree, Lab, PEER_V4, POD_V4, cluster::TestCluster, fixtures, free_ports, helper, http_get,
     netaudit_bin, require_kernel, start_peer_services,
 };
 use serde_json::{Value, json};
 
 const POD: &str = "ssc-stageset-controller-6b7d9-q2w3e";
+const OTHER_REPLICA: &str = "ssc-stageset-controller-6b7d9-zzzzz";
 const NS: &str = "stageset-system";
 const NODE: &str = "worker";
 
-/// The test cluster's objects, with the controller pod running here (on the lab's address, in
-/// the cgroup the test made) and source-controller as the lab's peer.
-fn cluster(uid: &str) -> Vec<Value> {
+/// The test cluster's objects (tests/fixtures/cluster) written through the API, with the
+/// controller pod running here (on the lab's address, in a cgroup the test makes from the UID
+/// the server gave it) and source-controller as the lab's peer. Returns the pod's UID.
+fn install_cluster(cluster: &TestCluster) -> String {
     let docs = netaudit::input::read_objects(&fixtures().join("cluster/inventory.yaml")).unwrap();
-    let mut out = Vec::new();
+    let (mut objects, mut node_status) = (Vec::new(), Vec::new());
     for d in docs {
         let mut v = d.value;
         match (v["kind"].as_str().unwrap(), v["metadata"]["name"].as_str().unwrap()) {
-            ("ConfigMap", _) => continue,
+            // The apiserver owns the `kubernetes` Service; kube-root-ca.crt is the controller-manager's.
+            ("Service", "kubernetes") | ("ConfigMap", _) => continue,
             ("Pod", POD) => {
-                v["metadata"]["uid"] = uid.into();
-                v["status"] =
-                    json!({"phase": "Running", "qosClass": "Burstable", "podIP": POD_V4, "podIPs": [{"ip": POD_V4}]});
                 // A second replica on the other node: another agent's business.
                 let mut other = v.clone();
-                other["metadata"]["name"] = "ssc-stageset-controller-6b7d9-zzzzz".into();
-                other["metadata"]["uid"] = "99999999-0000-4000-8000-000000000001".into();
+                other["metadata"]["name"] = OTHER_REPLICA.into();
                 other["spec"]["nodeName"] = "cp".into();
-                other["status"]["podIP"] = "10.244.0.9".into();
-                other["status"]["podIPs"] = json!([{"ip": "10.244.0.9"}]);
-                out.push(other);
-            }
-            ("Pod", n) if n.starts_with("source-controller") => {
-                v["status"] = json!({"phase": "Running", "podIP": PEER_V4, "podIPs": [{"ip": PEER_V4}]});
+                objects.push(other);
             }
             _ => {}
         }
-        out.push(v);
+        // Pods' and Nodes' status is the kubelet's: written through the subresource below.
+        if let Some(status) = v.as_object_mut().and_then(|m| m.remove("status")) {
+            if v["kind"] == "Node" {
+                node_status.push((v["metadata"]["name"].as_str().unwrap().to_string(), status));
+            }
+        }
+        objects.push(v);
     }
-    out
+    cluster.apply(&objects);
+    for (node, status) in node_status {
+        let patch = json!({"status": status}).to_string();
+        cluster.kubectl(&["patch", "node", &node, "--subresource=status", "--type=merge", "-p", &patch]);
+    }
+    let running = |ip: &str| json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+    cluster.set_pod_status(NS, POD, running(POD_V4));
+    cluster.set_pod_status(NS, OTHER_REPLICA, running("10.244.0.9"));
+    cluster.set_pod_status("flux-system", "source-controller-7c9f8d-xyz12", running(PEER_V4));
+    for (ns, name, ip) in [
+        ("kube-system", "coredns-5d78c9869d-abcde", "10.244.0.2"),
+        ("monitoring", "prometheus-0", "10.244.1.20"),
+        ("flagger-system", "flagger-6d8f-abc", "10.244.0.30"),
+        ("observability", "otel-collector-0", "10.244.1.40"),
+    ] {
+        cluster.set_pod_status(ns, name, running(ip));
+    }
+    let pod = cluster.get("pod", NS, POD);
+    // The server computed the QoS class from the requests: the cgroup below must agree.
+    assert_eq!(pod["status"]["qosClass"], "Burstable", "{pod:#}");
+    pod["metadata"]["uid"].as_str().unwrap().to_string()
 }
 
 fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -116,70 +138,131 @@ fn peer_flow(agent: &Agent) -> Option<Value> {
     file["flows"].as_array()?.iter().find(|f| f["dst"]["ip"] == PEER_V4 && f["dst"]["port"] == 80).cloned()
 }
 
+/// One audited pod on node `worker`, its real cgroup and network namespace, a private control
+/// plane holding the test cluster, and the agent's arguments (watch mode against `values`).
+struct Setup {
+    lab: Lab,
+    _peer: netaudit_tests::Actor,
+    container: std::path::PathBuf,
+    cluster: TestCluster,
+    kubeconfig: std::path::PathBuf,
+    pins: std::path::PathBuf,
+    state: std::path::PathBuf,
+    log: std::path::PathBuf,
+    args: Vec<String>,
+    // Dropped last: the cgroups, the bpffs and the directory outlive every process using them.
+    _tree: KubeletTree,
+    _bpffs: Bpffs,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(values: &str) -> Setup {
+        let lab = Lab::new().unwrap();
+        let peer = start_peer_services(&lab).unwrap();
+        let cluster = TestCluster::start();
+        let uid = install_cluster(&cluster);
+        let tree = KubeletTree::new("api");
+        let pod_dir = tree.mkdir(&pod_path(Driver::Systemd, QosClass::Burstable, &uid));
+        let container = tree.mkdir(&pod_dir.strip_prefix(&tree.root).unwrap().join("cri-containerd-aaaa1111.scope"));
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = cluster.agent_kubeconfig(dir.path());
+        let bpffs = Bpffs::mount();
+        let pins = bpffs.0.path().join("netaudit");
+        let state = dir.path().join("state");
+        let values_file = dir.path().join("values.yaml");
+        std::fs::write(&values_file, values).unwrap();
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        let args = [
+            "--node-name",
+            NODE,
+            "--target",
+            "ssc=stageset-system/app.kubernetes.io/name=stageset-controller",
+            "--mode",
+            "watch",
+            "--values",
+            &path(&values_file),
+            "--cgroup-root",
+            &path(&tree.root),
+            "--pin-dir",
+            &path(&pins),
+            "--state-dir",
+            &path(&state),
+            "--interval",
+            "1s",
+            "--report-interval",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec();
+        Setup {
+            log: dir.path().join("agent.log"),
+            lab,
+            _peer: peer,
+            container,
+            cluster,
+            kubeconfig,
+            pins,
+            state,
+            args,
+            _tree: tree,
+            _bpffs: bpffs,
+            _dir: dir,
+        }
+    }
+
+    fn start_agent(&self) -> Agent {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        start_agent(&self.kubeconfig, &args, &self.log)
+    }
+
+    /// `n` TCP connections from the pod to the peer's port 80.
+    fn connect(&self, n: &str) {
+        helper(&self.lab.pod, Some(&self.container), &["tcp", &format!("{PEER_V4}:80"), n]).unwrap().finish().unwrap();
+    }
+
+    fn wait_attached(&self, agent: &Agent) {
+        wait("the agent to attach to the pod", Duration::from_secs(30), || {
+            (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
+        });
+    }
+}
+
+/// The chart's policy with egress on: DNS only, so the connection to the peer is cut.
+const EGRESS_DNS_ONLY: &str = "networkPolicy: {enabled: true, egress: {enabled: true}}\n";
+
 #[test]
 fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_sigkill() {
     if !require_kernel() {
         return;
     }
-    let lab = Lab::new().unwrap();
-    let _peer = start_peer_services(&lab).unwrap();
-    let uid = format!("7a1e2d3c-4b5a-4697-8a9b-{:012x}", std::process::id());
-    let tree = KubeletTree::new("api");
-    let pod_dir = tree.mkdir(&pod_path(Driver::Systemd, QosClass::Burstable, &uid));
-    let container = tree.mkdir(&pod_dir.strip_prefix(&tree.root).unwrap().join("cri-containerd-aaaa1111.scope"));
-    let api = FakeApiserver::start(cluster(&uid));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.kubeconfig(dir.path());
-    let bpffs = Bpffs::mount();
-    let pins = bpffs.0.path().join("netaudit");
-    let state = dir.path().join("state");
-    let values = dir.path().join("values.yaml");
-    let log = dir.path().join("agent.log");
-    // The chart's policy with egress on: DNS only, so the connection to the peer is cut.
-    std::fs::write(&values, "networkPolicy: {enabled: true, egress: {enabled: true}}\n").unwrap();
-    let root = tree.root.to_str().unwrap();
-    let (pins_s, state_s, values_s) = (pins.to_str().unwrap(), state.to_str().unwrap(), values.to_str().unwrap());
-    let args = [
-        "--node-name",
-        NODE,
-        "--target",
-        "ssc=stageset-system/app.kubernetes.io/name=stageset-controller",
-        "--mode",
-        "watch",
-        "--values",
-        values_s,
-        "--cgroup-root",
-        root,
-        "--pin-dir",
-        pins_s,
-        "--state-dir",
-        state_s,
-        "--interval",
-        "1s",
-        "--report-interval",
-        "1s",
-    ];
-    let connect = |n: &str| {
-        helper(&lab.pod, Some(&container), &["tcp", &format!("{PEER_V4}:80"), n]).unwrap().finish().unwrap();
-    };
+    let s = Setup::new(EGRESS_DNS_ONLY);
+    let (cluster, pins, state, log) = (&s.cluster, &s.pins, &s.state, &s.log);
 
     // 1. Discovery through the API: this node's replica is attached, the other node's is not.
-    let agent = start_agent(&kubeconfig, &args, &log);
-    wait("the agent to attach to the pod", Duration::from_secs(30), || {
-        (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
-    });
+    let agent = s.start_agent();
+    s.wait_attached(&agent);
+    let watches: Vec<String> = cluster
+        .agent_requests()
+        .iter()
+        .filter(|e| e["verb"] == "watch" && e["objectRef"]["resource"] == "pods")
+        .filter_map(|e| e["requestURI"].as_str().map(String::from))
+        .collect();
     assert!(
-        api.requests().iter().any(|r| r.contains("/api/v1/namespaces/stageset-system/pods")
-            && r.contains("fieldSelector=spec.nodeName=worker")
-            && r.contains("labelSelector=app.kubernetes.io/name=stageset-controller")),
-        "a node-local, label-selected watch: {:#?}",
-        api.requests()
+        watches.iter().any(|r| r.starts_with("/api/v1/namespaces/stageset-system/pods?")
+            && r.contains("fieldSelector=spec.nodeName%3Dworker")
+            && r.contains("labelSelector=app.kubernetes.io%2Fname%3Dstageset-controller")),
+        "a node-local, label-selected watch: {watches:#?}"
+    );
+    assert!(
+        cluster.objects("flowreports", Some(NS)).iter().all(|r| r["metadata"]["name"] != OTHER_REPLICA),
+        "the other node's replica is not audited here"
     );
 
     // 2. Real traffic, recorded and enriched: TCP to the peer's port 80 (a source-controller port
     // in the matrix) and UDP to its port 7 (no matrix row: unexpected).
-    connect("2");
-    helper(&lab.pod, Some(&container), &["udp", &format!("{PEER_V4}:7"), "1"]).unwrap().finish().unwrap();
+    s.connect("2");
+    helper(&s.lab.pod, Some(&s.container), &["udp", &format!("{PEER_V4}:7"), "1"]).unwrap().finish().unwrap();
     let flow =
         wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 2));
     assert_eq!(flow["direction"], "egress");
@@ -190,14 +273,14 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert!(http_get(agent.metrics, "/flows").is_none(), "flows are not on the metrics port");
 
     // 3. Watch mode: the cut flow raises an Event on the pod, a metric, and a FlowReport appears.
-    let events = api.wait_for("events", "a FlowCut Event", Duration::from_secs(20), |evs| {
+    let events = cluster.wait_for(EVENTS, Some(NS), "a FlowCut Event", Duration::from_secs(20), |evs| {
         evs.iter().any(|e| e["reason"] == "FlowCut" && e["regarding"]["name"] == POD)
     });
     let cut = events.iter().find(|e| e["reason"] == "FlowCut" && e["note"].as_str().unwrap().contains(":80")).unwrap();
     assert_eq!(cut["type"], "Warning");
     assert!(cut["note"].as_str().unwrap().contains(&format!("{PEER_V4}:80")), "{cut:#}");
     assert!(metric(agent.metrics, "netaudit_alerts_total{target=\"ssc\",kind=\"cut\"}").unwrap() >= 1.0);
-    let events = api.wait_for("events", "an UnexpectedFlow Event", Duration::from_secs(20), |evs| {
+    let events = cluster.wait_for(EVENTS, Some(NS), "an UnexpectedFlow Event", Duration::from_secs(20), |evs| {
         evs.iter().any(|e| e["reason"] == "UnexpectedFlow" && e["regarding"]["name"] == POD)
     });
     let unexpected: Vec<&Value> = events.iter().filter(|e| e["reason"] == "UnexpectedFlow").collect();
@@ -208,7 +291,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     );
     assert!(metric(agent.metrics, "netaudit_alerts_total{target=\"ssc\",kind=\"unexpected\"}").unwrap() >= 1.0);
     // The log line is structured: one JSON object with the alert's fields.
-    let logs = std::fs::read_to_string(&log).unwrap();
+    let logs = std::fs::read_to_string(log).unwrap();
     let line: Value = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -217,7 +300,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert_eq!(line["level"], "WARN");
     assert_eq!(line["fields"]["pod"], format!("{NS}/{POD}"));
     assert_eq!(line["fields"]["flow"], format!("egress TCP {POD_V4} -> {PEER_V4}:80"));
-    let reports = api.wait_for("flowreports", "the pod's FlowReport", Duration::from_secs(20), |rs| {
+    let reports = cluster.wait_for("flowreports", Some(NS), "the pod's FlowReport", Duration::from_secs(20), |rs| {
         rs.iter().any(|r| r["metadata"]["name"] == POD && r["flowCount"].as_u64() >= Some(1))
     });
     assert_eq!(reports.len(), 1, "only this node's pod has a report: {reports:#?}");
@@ -230,23 +313,16 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         std::fs::read_to_string(state.join("agent-seen.json")).ok().filter(|s| s.contains(PEER_V4))
     });
     drop(agent);
-    connect("3");
-    let agent = start_agent(&kubeconfig, &args, &log);
-    wait("the next agent to attach again", Duration::from_secs(30), || {
-        (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
-    });
+    s.connect("3");
+    let agent = s.start_agent();
+    s.wait_attached(&agent);
     let flow =
         wait("the resumed flow", Duration::from_secs(30), || peer_flow(&agent).filter(|f| f["connections"] == 5));
     assert_eq!(flow["packets_from_src"].as_u64().map(|p| p > 0), Some(true));
     // The flow was judged before the kill: the next agent does not raise it again.
     std::thread::sleep(Duration::from_secs(2));
-    let cut_events = api
-        .objects("events")
-        .iter()
-        .filter(|e| e["reason"] == "FlowCut" && e["note"].as_str().is_some_and(|n| n.contains(":80")))
-        .count();
-    assert_eq!(cut_events, 1, "one Event for one cut flow, across the restart: {:#?}", api.objects("events"));
-    api.wait_for("flowreports", "the updated FlowReport", Duration::from_secs(20), |rs| {
+    assert_eq!(cut_events(cluster), 1, "one Event for one cut flow, across the restart");
+    cluster.wait_for("flowreports", Some(NS), "the updated FlowReport", Duration::from_secs(20), |rs| {
         rs.iter().any(|r| {
             r["flows"]["flows"]
                 .as_array()
@@ -257,7 +333,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     // 5. The cluster-wide view through the API.
     let out = Command::new(netaudit_bin())
         .args(["report", "--namespace", NS, "--target", "ssc"])
-        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECONFIG", cluster.cp.kubeconfig())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -265,7 +341,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert!(merged.flows.iter().any(|f| f.dst.ip.to_string() == PEER_V4 && f.connections == 5), "{merged:#?}");
     let out = Command::new(netaudit_bin())
         .args(["propose", "--from-cluster", "--target", "ssc", "--engine", "kubernetes", "--namespace", NS])
-        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECONFIG", cluster.cp.kubeconfig())
         .output()
         .unwrap();
     let proposal = String::from_utf8_lossy(&out.stdout);
@@ -275,7 +351,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     // 6. The pod goes: detached, its link pins released.
     let links = pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).join("links");
     assert!(std::fs::read_dir(&links).unwrap().count() > 0);
-    api.delete("pods", NS, POD);
+    cluster.delete_pod(NS, POD);
     wait("the agent to detach", Duration::from_secs(20), || {
         (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 0.0).then_some(())
     });
@@ -289,11 +365,23 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     assert!(status.success(), "{status}");
     assert!(pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).join("maps").join("FLOWS").exists());
     let ok = Command::new(netaudit_bin())
-        .args(["agent", "--cleanup", "--pin-dir", pins_s, "--state-dir", state_s])
+        .args(["agent", "--cleanup", "--pin-dir", pins.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
         .status()
         .unwrap();
     assert!(ok.success());
     assert!(!pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).exists());
+}
+
+/// The Events the agent writes (events.k8s.io/v1: `regarding`, `note`).
+const EVENTS: &str = "events.events.k8s.io";
+
+/// FlowCut Events for the flow to the peer's port 80.
+fn cut_events(cluster: &TestCluster) -> usize {
+    cluster
+        .objects(EVENTS, Some(NS))
+        .iter()
+        .filter(|e| e["reason"] == "FlowCut" && e["note"].as_str().is_some_and(|n| n.contains(":80")))
+        .count()
 }
 
 #[test]

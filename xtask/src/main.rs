@@ -4,6 +4,8 @@
 
 mod toolchain;
 
+use xtask::controlplane;
+
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
@@ -21,6 +23,14 @@ commands:
   bootstrap   add rust-src to the nightly toolchain and build bpf-linker (cached under target/)
   build       bootstrap, then build target/release/netaudit with the eBPF object embedded
   test        bootstrap, then run the whole test suite (real-kernel tests need root)
+  cluster up [--dir DIR]
+              build (once, cached) and start a local Kubernetes control plane on loopback:
+              etcd + kube-apiserver from their Go modules, TLS, RBAC, audit log; prints
+              `kubeconfig: PATH` last and leaves both running (DIR: target/cluster)
+  cluster down [--dir DIR]
+              stop it and remove DIR
+  cluster build
+              only build kube-apiserver, kubectl and etcd (target/k8s/)
   bench [kernel|check|agent]
               bootstrap, then run the benchmarks and print the figures: `kernel` (the eBPF
               programs, root), `check` (flows x policies), `agent` (memory and start-up vs.
@@ -68,6 +78,8 @@ fn run(args: &[String]) -> Result<()> {
         "test" => {
             toolchain::system_packages()?;
             let env = toolchain::bootstrap(&root)?;
+            // The agent tests start private control planes from these binaries.
+            controlplane::build(&root, &say)?;
             // The CLI tests run the real binary.
             cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
             // One profile for everything: the release build that `build` makes, so the
@@ -90,11 +102,56 @@ fn run(args: &[String]) -> Result<()> {
                 cargo(&root, &env, &["run", "--release", "--package", "netaudit-tests", "--bin", bin], &[])?;
             }
         }
+        "cluster" => cluster(&root, rest)?,
         "help" | "-h" | "--help" => eprint!("{USAGE}"),
         other => {
             eprint!("{USAGE}");
             bail!("unknown command `{other}`");
         }
+    }
+    Ok(())
+}
+
+/// `cluster up|down|build [--dir DIR]`.
+fn cluster(root: &Path, args: &[String]) -> Result<()> {
+    let (action, rest) = args.split_first().context("cluster: say `up`, `down` or `build`")?;
+    let dir = match rest {
+        [] => root.join("target/cluster"),
+        [flag, dir] if flag == "--dir" => PathBuf::from(dir),
+        _ => bail!("cluster {action}: unexpected arguments {rest:?} (only --dir DIR)"),
+    };
+    match action.as_str() {
+        "build" => {
+            toolchain::system_packages()?;
+            controlplane::build(root, &say)?;
+        }
+        "up" => {
+            toolchain::system_packages()?;
+            let bins = controlplane::build(root, &say)?;
+            say(&format!(
+                "starting etcd {} and kube-apiserver {} in {}",
+                bins.etcd_version,
+                bins.kubernetes_version,
+                dir.display()
+            ));
+            let started = std::time::Instant::now();
+            let cp = controlplane::ControlPlane::start(&bins, &dir)?;
+            say(&format!(
+                "ready in {:.1?}: {} (audit log: {})",
+                started.elapsed(),
+                cp.server,
+                cp.audit_log().display()
+            ));
+            say(&format!("kubectl: {}", bins.kubectl.display()));
+            say(&format!(
+                "stop it with `cargo xtask cluster down{}`",
+                rest.iter().map(|a| format!(" {a}")).collect::<String>()
+            ));
+            println!("kubeconfig: {}", cp.kubeconfig().display());
+            cp.detach();
+        }
+        "down" => controlplane::down(&dir, &say)?,
+        other => bail!("cluster: unknown action `{other}` (up, down or build)"),
     }
     Ok(())
 }
@@ -120,5 +177,5 @@ pub(crate) fn say(msg: &str) {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    controlplane::workspace_root()
 }

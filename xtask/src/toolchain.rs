@@ -139,11 +139,12 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<PathBuf> {
 }
 
 /// The system tools the real-kernel tests and the demo lab use: `ip` (iproute2: network
-/// namespaces, veth) and `nft` (nftables: the lab's ClusterIP DNAT). Installed from Debian when
+/// namespaces, veth), `nft` (nftables: the lab's ClusterIP DNAT) and `openssl` (the local
+/// control plane's certificates). Installed from Debian when
 /// missing and we are root; otherwise the error says what to install.
 pub fn system_packages() -> Result<()> {
     let have = |tool: &str| Command::new(tool).arg("-V").output().is_ok();
-    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables"), ("openssl", "openssl")]
         .into_iter()
         .filter(|(tool, _)| !have(tool))
         .map(|(_, package)| package)
@@ -160,7 +161,10 @@ pub fn system_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    say(&format!("installing {} from Debian (network namespaces, the lab's DNAT)", missing.join(", ")));
+    say(&format!(
+        "installing {} from Debian (network namespaces, the lab's DNAT, the control plane's certificates)",
+        missing.join(", ")
+    ));
     let ok = |args: &[&str]| {
         Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
     };
