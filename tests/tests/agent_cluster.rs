@@ -157,7 +157,8 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(values: &str) -> Setup {
+    /// `values`: the chart's values to judge by besides the live policies (`--values`).
+    fn new(values: Option<&str>) -> Setup {
         let lab = Lab::new().unwrap();
         let peer = start_peer_services(&lab).unwrap();
         let cluster = TestCluster::start();
@@ -170,18 +171,14 @@ impl Setup {
         let bpffs = Bpffs::mount();
         let pins = bpffs.0.path().join("netaudit");
         let state = dir.path().join("state");
-        let values_file = dir.path().join("values.yaml");
-        std::fs::write(&values_file, values).unwrap();
         let path = |p: &Path| p.to_str().unwrap().to_string();
-        let args = [
+        let mut args: Vec<String> = [
             "--node-name",
             NODE,
             "--target",
             "ssc=stageset-system/app.kubernetes.io/name=stageset-controller",
             "--mode",
             "watch",
-            "--values",
-            &path(&values_file),
             "--cgroup-root",
             &path(&tree.root),
             "--pin-dir",
@@ -195,6 +192,11 @@ impl Setup {
         ]
         .map(String::from)
         .to_vec();
+        if let Some(values) = values {
+            let file = dir.path().join("values.yaml");
+            std::fs::write(&file, values).unwrap();
+            args.extend(["--values".into(), path(&file)]);
+        }
         Setup {
             log: dir.path().join("agent.log"),
             lab,
@@ -236,7 +238,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     if !require_kernel() {
         return;
     }
-    let s = Setup::new(EGRESS_DNS_ONLY);
+    let s = Setup::new(Some(EGRESS_DNS_ONLY));
     let (cluster, pins, state, log) = (&s.cluster, &s.pins, &s.state, &s.log);
 
     // 1. Discovery through the API: this node's replica is attached, the other node's is not.
@@ -370,6 +372,59 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         .unwrap();
     assert!(ok.success());
     assert!(!pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).exists());
+}
+
+/// The engines' CRDs as published (../shared/crds).
+fn shared_crd(file: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/crds").join(file).to_str().unwrap().to_string()
+}
+
+/// No engine's CRDs at start; Cilium's installed while the agent runs: it notices the CRD,
+/// watches the kind, and judges by a CiliumNetworkPolicy the real server accepted.
+#[test]
+fn an_engine_installed_later_is_picked_up_and_judged_by() {
+    if !require_kernel() {
+        return;
+    }
+    let s = Setup::new(None);
+    let cluster = &s.cluster;
+    let agent = s.start_agent();
+    s.wait_attached(&agent);
+    s.connect("1");
+    wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 1));
+    // No policy anywhere: nothing is cut.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(cut_events(cluster), 0, "no policy, no cut");
+    let logs = std::fs::read_to_string(&s.log).unwrap();
+    assert!(logs.contains("CiliumNetworkPolicy (cilium.io/v2) is not served here"), "{logs}");
+
+    // Cilium's CRD as published; server-side: its schema is too large for the last-applied annotation.
+    cluster.kubectl(&["apply", "--server-side", "-f", &shared_crd("cilium.io_ciliumnetworkpolicies.yaml")]);
+    cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/ciliumnetworkpolicies.cilium.io"]);
+    // Egress of the controller to cluster DNS only: the connection to the peer is cut.
+    let cnp = json!({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "ssc-dns-only", "namespace": NS},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app.kubernetes.io/name": "stageset-controller"}},
+            "egress": [{
+                "toEndpoints": [{"matchLabels": {"k8s:io.kubernetes.pod.namespace": "kube-system", "k8s-app": "kube-dns"}}],
+                "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}]}],
+            }],
+        },
+    });
+    cluster.apply(&[cnp]);
+    wait("the agent to watch the new kind", Duration::from_secs(30), || {
+        std::fs::read_to_string(&s.log).ok().filter(|l| l.contains("CiliumNetworkPolicy (cilium.io/v2) is served"))
+    });
+    // The flow grows: judged again, now under the Cilium policy.
+    s.connect("1");
+    let events =
+        cluster.wait_for(EVENTS, Some(NS), "a FlowCut Event under the Cilium policy", Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| e["reason"] == "FlowCut")
+        });
+    let cut = events.iter().find(|e| e["reason"] == "FlowCut").unwrap();
+    assert!(cut["note"].as_str().unwrap().contains("ssc-dns-only"), "{cut:#}");
 }
 
 /// The Events the agent writes (events.k8s.io/v1: `regarding`, `note`).

@@ -12,14 +12,17 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ApiResource, DynamicObject, ListParams},
+    api::{ApiResource, DynamicObject, ListParams, PartialObjectMeta},
     runtime::{
         WatchStreamExt,
         reflector::{self, Store},
@@ -147,9 +150,10 @@ impl LiveInventory {
             stores.push((ar.clone(), optional, writer.as_reader()));
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let generation = Arc::clone(&generation);
+            let client = client.clone();
             tokio::spawn(async move {
                 if optional {
-                    wait_until_served(&api, &ar).await;
+                    wait_until_served(&client, &api, &ar).await;
                 }
                 let stream = watcher(api, watcher::Config::default()).modify(slim(&ar.kind)).default_backoff();
                 reflector::reflector(writer, stream)
@@ -197,8 +201,13 @@ where
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-/// Waits until `ar` is served (its CRD or aggregated API installed); says so once.
-async fn wait_until_served(api: &Api<DynamicObject>, ar: &ApiResource) {
+/// Waits until `ar` is served; says so once. A CustomResourceDefinition for it wakes the
+/// wait at once (a metadata-only watch on that one CRD's name); an API served by aggregation
+/// (Calico's API server) has no CRD, so the API is also looked for every [`PROBE_PERIOD`].
+async fn wait_until_served(client: &Client, api: &Api<DynamicObject>, ar: &ApiResource) {
+    let crds: Api<PartialObjectMeta<CustomResourceDefinition>> = Api::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("metadata.name={}.{}", ar.plural, ar.group));
+    let mut crd = std::pin::pin!(watcher(crds, config).applied_objects());
     let mut said = false;
     loop {
         match api.list_metadata(&ListParams::default().limit(1)).await {
@@ -209,7 +218,7 @@ async fn wait_until_served(api: &Api<DynamicObject>, ar: &ApiResource) {
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 if !said {
                     tracing::info!(
-                        "{} ({}) is not served here: looking again every {PROBE_PERIOD:?}",
+                        "{} ({}) is not served here: watching for its CRD, and looking again every {PROBE_PERIOD:?}",
                         ar.kind,
                         ar.api_version
                     );
@@ -218,9 +227,20 @@ async fn wait_until_served(api: &Api<DynamicObject>, ar: &ApiResource) {
             }
             Err(e) => tracing::warn!("looking for {} ({}): {e}", ar.kind, ar.api_version),
         }
-        tokio::time::sleep(PROBE_PERIOD).await;
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_PERIOD) => {}
+            Some(Ok(_)) = crd.next() => {
+                // Its CRD exists; the API is served once the CRD is established (about a second).
+                tracing::info!("a CRD for {} appeared", ar.plural);
+                tokio::time::sleep(CRD_ESTABLISH_WAIT).await;
+                while let Some(Ok(_)) = futures::FutureExt::now_or_never(crd.next()).flatten() {}
+            }
+        }
     }
 }
+
+/// How long to let a new CRD become established before listing its kind again.
+const CRD_ESTABLISH_WAIT: Duration = Duration::from_secs(1);
 
 /// The target pods on this node, one reflector per target (label and field selectors on the
 /// server, so only this node's matching pods cross the wire).
