@@ -240,6 +240,10 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     }
     let s = Setup::new(Some(EGRESS_DNS_ONLY));
     let (cluster, pins, state, log) = (&s.cluster, &s.pins, &s.state, &s.log);
+    // One engine's CRD comes later: the agent's CRD watch must notice it (least privilege below
+    // sees every grant used).
+    const LATER: &str = "policy.networking.k8s.io_clusternetworkpolicies.yaml";
+    install_engine_crds(cluster, LATER);
 
     // 1. Discovery through the API: this node's replica is attached, the other node's is not.
     let agent = s.start_agent();
@@ -260,6 +264,12 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         cluster.objects("flowreports", Some(NS)).iter().all(|r| r["metadata"]["name"] != OTHER_REPLICA),
         "the other node's replica is not audited here"
     );
+    cluster.kubectl(&["apply", "--server-side", "-f", &shared_crd(LATER)]);
+    wait("the agent to watch ClusterNetworkPolicies", Duration::from_secs(30), || {
+        std::fs::read_to_string(log)
+            .ok()
+            .filter(|l| l.contains("ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) is served"))
+    });
 
     // 2. Real traffic, recorded and enriched: TCP to the peer's port 80 (a source-controller port
     // in the matrix) and UDP to its port 7 (no matrix row: unexpected).
@@ -372,6 +382,80 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         .unwrap();
     assert!(ok.success());
     assert!(!pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).exists());
+
+    // 8. Least privilege, measured on the real server's audit log of all of the above.
+    assert_least_privilege(cluster);
+}
+
+/// Every engine's published CRD (../shared/crds) but `except`, so the agent watches every kind.
+fn install_engine_crds(cluster: &TestCluster, except: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/crds");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    files.retain(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with(except));
+    files.sort();
+    for f in &files {
+        cluster.kubectl(&["apply", "--server-side", "-f", f.to_str().unwrap()]);
+    }
+    cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]);
+}
+
+/// (verb, API group, resource[/subresource]).
+type Access = (String, String, String);
+
+/// What the agent asked the API server for, from the audit log; panics on a refused request.
+fn agent_access(cluster: &TestCluster) -> std::collections::BTreeSet<Access> {
+    let mut used = std::collections::BTreeSet::new();
+    for e in cluster.agent_requests() {
+        let code = e["responseStatus"]["code"].as_u64().unwrap_or(0);
+        assert_ne!(code, 403, "the agent was refused a request: {e:#}");
+        let Some(r) = e["objectRef"]["resource"].as_str() else { continue };
+        let resource = match e["objectRef"]["subresource"].as_str() {
+            Some(sub) => format!("{r}/{sub}"),
+            None => r.to_string(),
+        };
+        let group = e["objectRef"]["apiGroup"].as_str().unwrap_or_default().to_string();
+        used.insert((e["verb"].as_str().unwrap().to_string(), group, resource));
+    }
+    used
+}
+
+/// What the committed bundle's ClusterRole grants, one (verb, group, resource) each.
+fn granted() -> std::collections::BTreeSet<Access> {
+    let bundle = netaudit::input::read_objects(&xtask::controlplane::workspace_root().join("deploy/netaudit.yaml"));
+    let role = bundle.unwrap().into_iter().find(|d| d.value["kind"] == "ClusterRole").unwrap().value;
+    let strings =
+        |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    let mut out = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for v in strings(&rule["verbs"]) {
+                    out.insert((v, g.clone(), r.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Least privilege, measured: the agent used only what its ClusterRole grants (the server
+/// refused nothing), and every grant was used or is one the bundle's generator says why it
+/// keeps (`agent::manifests::GRANTS`, `unexercised`).
+fn assert_least_privilege(cluster: &TestCluster) {
+    let used = agent_access(cluster);
+    let granted = granted();
+    let beyond: Vec<&Access> = used.difference(&granted).collect();
+    assert!(beyond.is_empty(), "the agent used what its ClusterRole does not grant: {beyond:#?}");
+    let justified: std::collections::BTreeSet<Access> = netaudit::agent::manifests::GRANTS
+        .iter()
+        .flat_map(|g| {
+            g.unexercised
+                .iter()
+                .flat_map(move |v| g.resources.iter().map(move |r| (v.to_string(), g.group.to_string(), r.to_string())))
+        })
+        .collect();
+    let unused: Vec<&Access> = granted.difference(&used).filter(|a| !justified.contains(*a)).collect();
+    assert!(unused.is_empty(), "granted but never used (and not justified in GRANTS): {unused:#?}\nused: {used:#?}");
 }
 
 /// The engines' CRDs as published (../shared/crds).

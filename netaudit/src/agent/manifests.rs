@@ -81,11 +81,58 @@ pub fn typed<T: DeserializeOwned + Serialize>(v: Value) -> anyhow::Result<Value>
     Ok(back)
 }
 
+/// One rule of the agent's ClusterRole.
+pub struct Grant {
+    pub group: &'static str,
+    pub resources: &'static [&'static str],
+    pub verbs: &'static [&'static str],
+    /// Verbs granted that the least-privilege test (a real kube-apiserver's audit log of the
+    /// agent's whole life) may not see used; why is said beside each.
+    pub unexercised: &'static [&'static str],
+}
+
+const READ: &[&str] = &["list", "watch"];
+
+/// The agent's ClusterRole: what it watches, what it writes. `tests/tests/agent_cluster.rs`
+/// checks it against the audit log: the agent uses nothing more, and every grant is used or
+/// listed in `unexercised` with its reason.
+pub const GRANTS: &[Grant] = &[
+    // The live inventory (reflectors: list + watch), and the node-local watch of target pods.
+    Grant { group: "", resources: &["pods", "services", "namespaces", "nodes"], verbs: READ, unexercised: &[] },
+    Grant { group: "discovery.k8s.io", resources: &["endpointslices"], verbs: READ, unexercised: &[] },
+    Grant { group: "networking.k8s.io", resources: &["networkpolicies"], verbs: READ, unexercised: &[] },
+    // The engines' policies, watched where their API is served.
+    Grant {
+        group: "cilium.io",
+        resources: &["ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"],
+        verbs: READ,
+        unexercised: &[],
+    },
+    Grant {
+        group: "projectcalico.org",
+        resources: &["networkpolicies", "globalnetworkpolicies"],
+        verbs: READ,
+        unexercised: &[],
+    },
+    Grant { group: "policy.networking.k8s.io", resources: &["clusternetworkpolicies"], verbs: READ, unexercised: &[] },
+    // An engine installed later is noticed by its CRD (metadata-only watch on its name).
+    Grant { group: "apiextensions.k8s.io", resources: &["customresourcedefinitions"], verbs: READ, unexercised: &[] },
+    // Drift alerts: kube's Recorder creates an Event, and patches its series when the same alert
+    // repeats on the same pod (deduplication makes that rare).
+    Grant { group: "events.k8s.io", resources: &["events"], verbs: &["create", "patch"], unexercised: &["patch"] },
+    // FlowReports by server-side apply: a PATCH, which the server authorizes as `create` too
+    // when the object does not exist yet (the audit log names only the PATCH).
+    Grant { group: GROUP, resources: &[FLOW_REPORTS], verbs: &["create", "patch"], unexercised: &["create"] },
+];
+
+fn cluster_role_rules() -> Vec<Value> {
+    GRANTS.iter().map(|g| json!({"apiGroups": [g.group], "resources": g.resources, "verbs": g.verbs})).collect()
+}
+
 pub fn bundle(o: &Options) -> anyhow::Result<Vec<Value>> {
     let ns = o.namespace.as_str();
     let name = "netaudit-agent";
     let labels = json!({"app.kubernetes.io/name": "netaudit", "app.kubernetes.io/component": "agent"});
-    let read = ["get", "list", "watch"];
     let mut out = vec![
         typed::<Namespace>(
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
@@ -96,17 +143,7 @@ pub fn bundle(o: &Options) -> anyhow::Result<Vec<Value>> {
         typed::<ClusterRole>(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": name, "labels": labels},
-            "rules": [
-                {"apiGroups": [""], "resources": ["pods", "services", "namespaces", "nodes"], "verbs": read},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
-                {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": read},
-                {"apiGroups": ["cilium.io"], "resources": ["ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"], "verbs": read},
-                {"apiGroups": ["projectcalico.org"], "resources": ["networkpolicies", "globalnetworkpolicies"], "verbs": read},
-                {"apiGroups": ["policy.networking.k8s.io"], "resources": ["clusternetworkpolicies"], "verbs": read},
-                {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": read},
-                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-                {"apiGroups": [GROUP], "resources": [FLOW_REPORTS], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
-            ],
+            "rules": cluster_role_rules(),
         }))?,
         typed::<ClusterRoleBinding>(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
