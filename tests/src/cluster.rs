@@ -139,12 +139,17 @@ impl TestCluster {
 
     /// A kubeconfig for the agent: the bundle's ServiceAccount, a token from the TokenRequest API.
     pub fn agent_kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.agent_kubeconfig_via(dir, &self.cp.server)
+    }
+
+    /// The same, reaching the API server at `server` (e.g. through a [`crate::Partition`]).
+    pub fn agent_kubeconfig_via(&self, dir: &Path, server: &str) -> PathBuf {
         let token = self.kubectl(&["create", "token", AGENT_SERVICE_ACCOUNT, "-n", AGENT_NAMESPACE, "--duration=2h"]);
         let path = dir.join("agent.kubeconfig");
         let config = json!({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "local", "cluster": {
-                "server": self.cp.server, "certificate-authority": self.cp.dir.join("ca.crt")}}],
+                "server": server, "certificate-authority": self.cp.dir.join("ca.crt")}}],
             "users": [{"name": "agent", "user": {"token": token.trim()}}],
             "contexts": [{"name": "local", "context": {"cluster": "local", "user": "agent", "namespace": AGENT_NAMESPACE}}],
             "current-context": "local",

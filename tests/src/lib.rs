@@ -119,9 +119,8 @@ pub struct KubeletTree {
 
 impl KubeletTree {
     pub fn new(tag: &str) -> KubeletTree {
-        let root = netaudit::capture::cgroup::cgroup2_mount()
-            .unwrap()
-            .join(format!("netaudit-test-agent-{}-{tag}", std::process::id()));
+        let root =
+            netaudit::capture::cgroup::cgroup2_mount().unwrap().join(unique(&format!("netaudit-test-agent-{tag}-")));
         fs::create_dir(&root).unwrap();
         KubeletTree { root }
     }
@@ -213,4 +212,54 @@ pub fn start_peer_services(lab: &Lab) -> Result<Actor> {
 /// connection, from the audited side's point of view). Returns the open stream.
 pub fn connect_from_peer(lab: &Lab, addr: &str) -> Result<Actor> {
     helper(&lab.peer, None, &["hold-tcp", addr])
+}
+
+/// A loopback TCP relay standing for the network between the agent and the API server, which a
+/// test can cut (every open connection reset, new ones closed at once, as a partition the node
+/// notices) and heal. The API server behind it is the real one.
+pub struct Partition {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Partition {
+    pub fn start(target: std::net::SocketAddr) -> Partition {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (c, o) = (Arc::clone(&cut), Arc::clone(&open));
+        // Lives as long as the test process; nothing connects once the test is done.
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                let mut open = o.lock().unwrap();
+                open.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Partition { port, cut, open }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
 }

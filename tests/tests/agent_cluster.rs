@@ -25,8 +25,8 @@ use netaudit::{
     model::FlowFile,
 };
 use netaudit_tests::{
-    Bpffs, KubeletTree, Lab, PEER_V4, POD_V4, cluster::TestCluster, fixtures, free_ports, helper, http_get,
-    netaudit_bin, require_kernel, start_peer_services,
+    Bpffs, KubeletTree, Lab, PEER_V4, PEER_V6, POD_V4, Partition, cluster::TestCluster, fixtures, free_ports, helper,
+    http_get, netaudit_bin, require_kernel, start_peer_services,
 };
 use serde_json::{Value, json};
 
@@ -150,6 +150,8 @@ struct Setup {
     state: std::path::PathBuf,
     log: std::path::PathBuf,
     args: Vec<String>,
+    /// The agent reaches the API server through it.
+    partition: Partition,
     // Dropped last: the cgroups, the bpffs and the directory outlive every process using them.
     _tree: KubeletTree,
     _bpffs: Bpffs,
@@ -167,7 +169,8 @@ impl Setup {
         let pod_dir = tree.mkdir(&pod_path(Driver::Systemd, QosClass::Burstable, &uid));
         let container = tree.mkdir(&pod_dir.strip_prefix(&tree.root).unwrap().join("cri-containerd-aaaa1111.scope"));
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = cluster.agent_kubeconfig(dir.path());
+        let partition = Partition::start(([127, 0, 0, 1], cluster.cp.apiserver_port).into());
+        let kubeconfig = cluster.agent_kubeconfig_via(dir.path(), &format!("https://127.0.0.1:{}", partition.port));
         let bpffs = Bpffs::mount();
         let pins = bpffs.0.path().join("netaudit");
         let state = dir.path().join("state");
@@ -207,6 +210,7 @@ impl Setup {
             pins,
             state,
             args,
+            partition,
             _tree: tree,
             _bpffs: bpffs,
             _dir: dir,
@@ -223,10 +227,30 @@ impl Setup {
         helper(&self.lab.pod, Some(&self.container), &["tcp", &format!("{PEER_V4}:80"), n]).unwrap().finish().unwrap();
     }
 
+    /// One UDP request/response from the pod to `addr`.
+    fn udp(&self, addr: &str) {
+        helper(&self.lab.pod, Some(&self.container), &["udp", addr, "1"]).unwrap().finish().unwrap();
+    }
+
     fn wait_attached(&self, agent: &Agent) {
         wait("the agent to attach to the pod", Duration::from_secs(30), || {
             (metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}")? == 1.0).then_some(())
         });
+    }
+}
+
+impl Drop for Setup {
+    /// A failed test shows what the agent said (its warnings and errors), for CI's log.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let said: Vec<&str> = log.lines().filter(|l| !l.contains("\"level\":\"INFO\"")).collect();
+            eprintln!(
+                "--- the agent's warnings and errors ({}):\n{}",
+                self.log.display(),
+                said[said.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }
 
@@ -456,6 +480,137 @@ fn assert_least_privilege(cluster: &TestCluster) {
         .collect();
     let unused: Vec<&Access> = granted.difference(&used).filter(|a| !justified.contains(*a)).collect();
     assert!(unused.is_empty(), "granted but never used (and not justified in GRANTS): {unused:#?}\nused: {used:#?}");
+}
+
+/// The controller's egress policy, live in the cluster: DNS, and (when `allow_peer`) the
+/// source-controller pods' port 80.
+fn egress_policy(allow_peer: bool) -> Value {
+    let ns = |name: &str| json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}});
+    let dns_ports = json!([{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]);
+    let mut egress = vec![json!({"to": [ns("kube-system")], "ports": dns_ports})];
+    if allow_peer {
+        egress.push(json!({"to": [ns("flux-system")], "ports": [{"protocol": "TCP", "port": 80}]}));
+    }
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "ssc-egress", "namespace": NS},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "stageset-controller"}},
+            "policyTypes": ["Egress"],
+            "egress": egress,
+        },
+    })
+}
+
+/// Events with `reason` whose note names `flow` (e.g. `2001:db8::2:7` or `192.0.2.2:80`).
+fn events_for(cluster: &TestCluster, reason: &str, flow: &str) -> usize {
+    cluster
+        .objects(EVENTS, Some(NS))
+        .iter()
+        .filter(|e| e["reason"] == reason && e["note"].as_str().is_some_and(|n| n.contains(flow)))
+        .count()
+}
+
+/// The connections of the peer flow in the pod's FlowReport.
+fn reported_connections(cluster: &TestCluster) -> Option<u64> {
+    let report = cluster.objects("flowreports", Some(NS)).into_iter().find(|r| r["metadata"]["name"] == POD)?;
+    report["flows"]["flows"].as_array()?.iter().find(|f| f["dst"]["ip"] == PEER_V4)?["connections"].as_u64()
+}
+
+fn ready(agent: &Agent) -> bool {
+    http_get(agent.metrics, "/readyz").is_some()
+}
+
+/// The agent's lists of NetworkPolicies so far (the first, and every relist after a 410).
+fn policy_lists(cluster: &TestCluster) -> usize {
+    let requests = cluster.agent_requests();
+    requests.iter().filter(|e| e["verb"] == "list" && e["objectRef"]["resource"] == "networkpolicies").count()
+}
+
+/// The control plane misbehaves under a running agent: kube-apiserver restarted mid-recording;
+/// then a minute without the API (a partition), during which the live policy changes, etcd is
+/// compacted and kube-apiserver restarts again, so the agent's watches resume from expired
+/// resourceVersions (410 Gone) and must relist. Recording never stops, no flow is lost, no
+/// alert is repeated, alerts raised while the API was away are delivered after, `/readyz` says
+/// when the API is away, and the FlowReport catches up.
+#[test]
+fn the_agent_rides_out_apiserver_restarts_compaction_and_a_minute_without_the_api() {
+    if !require_kernel() {
+        return;
+    }
+    let mut s = Setup::new(None);
+    s.cluster.apply(&[egress_policy(true)]);
+    let agent = s.start_agent();
+    s.wait_attached(&agent);
+    s.connect("2");
+    // An unexpected flow (no matrix row for UDP 7), also cut by the policy: two alerts.
+    let v4_udp = format!("{PEER_V4}:7");
+    s.udp(&v4_udp);
+    s.cluster.wait_for(EVENTS, Some(NS), "the UDP flow's alerts", Duration::from_secs(30), |evs| {
+        let n = |reason: &str| evs.iter().filter(|e| e["reason"] == reason).count();
+        n("UnexpectedFlow") == 1 && n("FlowCut") == 1
+    });
+    wait("the FlowReport", Duration::from_secs(20), || (reported_connections(&s.cluster)? == 2).then_some(()));
+
+    // 1. kube-apiserver restarts; the pod talks meanwhile.
+    s.cluster.cp.stop_apiserver();
+    s.connect("1");
+    s.udp(&v4_udp);
+    s.cluster.cp.start_apiserver().unwrap();
+    wait("the FlowReport after the restart", Duration::from_secs(60), || {
+        (reported_connections(&s.cluster)? == 3).then_some(())
+    });
+    wait("/readyz after the restart", Duration::from_secs(30), || ready(&agent).then_some(()));
+    assert_eq!(events_for(&s.cluster, "FlowCut", ":80"), 0, "the policy allows the peer");
+    assert_eq!(events_for(&s.cluster, "UnexpectedFlow", &v4_udp), 1, "no alert repeated across the restart");
+
+    // 2. A minute without the API: recording goes on, /readyz says why not.
+    let outage = Instant::now();
+    s.partition.cut();
+    wait("/readyz to say the API is away", Duration::from_secs(20), || (!ready(&agent)).then_some(()));
+    s.connect("1");
+    // A new unexpected flow while the API is away: its Events wait for it.
+    // (Events name it as `2001:db8::2:7`, the traffic helper takes `[2001:db8::2]:7`.)
+    let v6_udp = format!("{PEER_V6}:7");
+    s.udp(&format!("[{PEER_V6}]:7"));
+    wait("the flow recorded while the API is away", Duration::from_secs(20), || {
+        peer_flow(&agent).filter(|f| f["connections"] == 4)
+    });
+    // Meanwhile the policy changes (the peer is cut now), etcd forgets the history the agent's
+    // watches would resume from, and kube-apiserver restarts with a fresh watch cache.
+    s.cluster.apply(&[egress_policy(false)]);
+    let revision = s.cluster.cp.compact_etcd().unwrap();
+    s.cluster.cp.restart_apiserver().unwrap();
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(outage.elapsed()));
+    assert!(!ready(&agent), "still not ready while the API is away");
+    let lists_before = policy_lists(&s.cluster);
+    s.partition.heal();
+    wait("/readyz again", Duration::from_secs(30), || ready(&agent).then_some(()));
+
+    // The watches expired and were relisted: the new policy is the one judged by. (The server
+    // answers a watch resumed from before the compaction with a 410 Gone ERROR event inside
+    // the stream, audited as 200; kube's watcher relists only on that.) After a minute of
+    // failures its backoff (30 s, with as much jitter again) may hold the next try for a minute.
+    wait(&format!("a relist of NetworkPolicies (etcd compacted at {revision})"), Duration::from_secs(120), || {
+        (policy_lists(&s.cluster) > lists_before).then_some(())
+    });
+    s.connect("1");
+    let cut = format!("{PEER_V4}:80");
+    s.cluster.wait_for(EVENTS, Some(NS), "the cut under the new policy", Duration::from_secs(30), |evs| {
+        evs.iter().any(|e| e["reason"] == "FlowCut" && e["note"].as_str().is_some_and(|n| n.contains(&cut)))
+    });
+    // The alert raised while the API was away arrived; none twice.
+    s.cluster.wait_for(EVENTS, Some(NS), "the alert raised during the outage", Duration::from_secs(30), |evs| {
+        evs.iter().any(|e| e["reason"] == "UnexpectedFlow" && e["note"].as_str().is_some_and(|n| n.contains(&v6_udp)))
+    });
+    assert_eq!(events_for(&s.cluster, "UnexpectedFlow", &v4_udp), 1);
+    assert_eq!(events_for(&s.cluster, "UnexpectedFlow", &v6_udp), 1);
+    assert_eq!(events_for(&s.cluster, "FlowCut", &cut), 1);
+    // Nothing lost: every connection counted, and the report caught up.
+    wait("the FlowReport to catch up", Duration::from_secs(30), || {
+        (reported_connections(&s.cluster)? == 5).then_some(())
+    });
+    assert_eq!(peer_flow(&agent).unwrap()["connections"], 5);
 }
 
 /// The engines' CRDs as published (../shared/crds).

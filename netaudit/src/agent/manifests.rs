@@ -117,9 +117,8 @@ pub const GRANTS: &[Grant] = &[
     Grant { group: "policy.networking.k8s.io", resources: &["clusternetworkpolicies"], verbs: READ, unexercised: &[] },
     // An engine installed later is noticed by its CRD (metadata-only watch on its name).
     Grant { group: "apiextensions.k8s.io", resources: &["customresourcedefinitions"], verbs: READ, unexercised: &[] },
-    // Drift alerts: kube's Recorder creates an Event, and patches its series when the same alert
-    // repeats on the same pod (deduplication makes that rare).
-    Grant { group: "events.k8s.io", resources: &["events"], verbs: &["create", "patch"], unexercised: &["patch"] },
+    // Drift alerts: one Event created per alert (agent::events), never updated.
+    Grant { group: "events.k8s.io", resources: &["events"], verbs: &["create"], unexercised: &[] },
     // FlowReports by server-side apply: a PATCH, which the server authorizes as `create` too
     // when the object does not exist yet (the audit log names only the PATCH).
     Grant { group: GROUP, resources: &[FLOW_REPORTS], verbs: &["create", "patch"], unexercised: &["create"] },

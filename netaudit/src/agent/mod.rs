@@ -9,6 +9,7 @@ pub mod cgroups;
 pub mod cluster;
 pub mod config;
 pub mod drift;
+pub mod events;
 pub mod http;
 pub mod manifests;
 pub mod metrics;

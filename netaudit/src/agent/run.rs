@@ -8,17 +8,14 @@
 //! leaves everything pinned for the next agent (an upgrade), SIGKILL loses nothing either.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use kube::{
-    Client,
-    runtime::events::{Event, EventType, Recorder, Reporter},
-};
+use kube::Client;
 use prometheus_client::registry::Registry;
 
 use super::{
@@ -26,6 +23,7 @@ use super::{
     cluster::{LiveInventory, PodRef, TargetPods},
     config::{Config, Mode},
     drift::{Alert, AlertKind, Detector, Limits},
+    events::EventWriter,
     http::{self, Published, Shared},
     metrics::{LossLabels, Metrics, ProgramLabels},
     reports,
@@ -47,6 +45,14 @@ pub const PODS_FILE: &str = "agent-pods.json";
 pub const SEEN_FILE: &str = "agent-seen.json";
 const TICK: Duration = Duration::from_millis(500);
 const SEEN_SAVE_PERIOD: Duration = Duration::from_secs(30);
+/// How often the API server's reachability is probed (`GET /version`) for `/readyz`.
+const API_PROBE_PERIOD: Duration = Duration::from_secs(5);
+/// The longest one API call may hold the loop (the capture is drained in between): an
+/// unreachable server that drops packets would otherwise stall it for the client's timeouts.
+const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events that could not be written (the API unreachable) wait here and are retried every look;
+/// beyond this many the oldest are dropped and counted.
+const PENDING_EVENTS_MAX: usize = 1000;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
@@ -96,6 +102,10 @@ struct Agent {
     /// Per pod: the flows last published in its FlowReport, and when.
     reported: HashMap<String, (String, Instant)>,
     cluster: Cluster,
+    /// Drift alerts whose Event could not be written yet.
+    pending_events: VecDeque<Alert>,
+    /// When the API server was last probed, and why it is unreachable if it is.
+    api: (Option<Instant>, Option<String>),
 }
 
 impl Agent {
@@ -159,6 +169,8 @@ impl Agent {
             saved_seen: (String::new(), None),
             reported: HashMap::new(),
             cluster: Cluster::default(),
+            pending_events: VecDeque::new(),
+            api: (None, None),
             config,
         })
     }
@@ -171,10 +183,7 @@ impl Agent {
             .context("configuring the Kubernetes client (in-cluster service account, or KUBECONFIG)")?;
         let inventory = LiveInventory::start(&client);
         let targets = TargetPods::start(&client, &self.config.node_name, &self.config.targets);
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter { controller: "netaudit-agent".into(), instance: Some(self.config.node_name.clone()) },
-        );
+        let recorder = EventWriter::new(client.clone(), &self.config.node_name);
         tracing::info!(
             node = %self.config.node_name,
             mode = ?self.config.mode,
@@ -203,13 +212,15 @@ impl Agent {
                 }
             }
             self.capture.poll()?;
+            self.probe_api(&client).await;
             {
                 let mut p = self.shared.write().expect("not poisoned");
                 p.last_loop = Some(Instant::now());
-                p.not_ready = match (synced, inventory.synced()) {
-                    (true, true) => None,
-                    (false, _) => Some("waiting for the first list of target pods".into()),
-                    (true, false) => Some("waiting for the first lists of the inventory".into()),
+                p.not_ready = match (synced, inventory.synced(), &self.api.1) {
+                    (_, _, Some(why)) => Some(format!("the API server is unreachable: {why}")),
+                    (true, true, None) => None,
+                    (false, _, None) => Some("waiting for the first list of target pods".into()),
+                    (true, false, None) => Some("waiting for the first lists of the inventory".into()),
                 };
             }
             if last_look.is_none_or(|t| t.elapsed() >= self.config.interval) {
@@ -305,7 +316,7 @@ impl Agent {
     }
 
     /// Drains, enriches, publishes and (watch mode) judges the flows.
-    async fn look(&mut self, client: &Client, live: &LiveInventory, recorder: &Recorder, last: bool) -> Result<()> {
+    async fn look(&mut self, client: &Client, live: &LiveInventory, recorder: &EventWriter, last: bool) -> Result<()> {
         self.refresh_cluster(live);
         let mut file = self.capture.snapshot()?;
         self.cluster.inventory.enrich(&mut file);
@@ -355,7 +366,7 @@ impl Agent {
                     let alerts = self.detector.observe(&file, &report, Instant::now());
                     let raised = !alerts.is_empty();
                     for a in alerts {
-                        self.raise(recorder, &a).await;
+                        self.raise(recorder, a).await;
                     }
                     for (cgroup, n) in &self.detector.suppressed {
                         if let Some(p) = self.known.get(cgroup) {
@@ -379,6 +390,8 @@ impl Agent {
             }
         }
 
+        // Events owed from looks while the API server was away.
+        self.write_pending_events(recorder).await;
         {
             let mut p = self.shared.write().expect("not poisoned");
             p.flows = file.to_json();
@@ -430,14 +443,32 @@ impl Agent {
         }
     }
 
-    /// A drift alert: a log line, a metric, and an Event on the pod.
-    async fn raise(&self, recorder: &Recorder, a: &Alert) {
+    /// Whether the API server answers (every [`API_PROBE_PERIOD`]): recording goes on without
+    /// it, but `/readyz` says so, and Events and FlowReports wait for it.
+    async fn probe_api(&mut self, client: &Client) {
+        if self.api.0.is_some_and(|t| t.elapsed() < API_PROBE_PERIOD) {
+            return;
+        }
+        self.api.0 = Some(Instant::now());
+        let why = match tokio::time::timeout(API_CALL_TIMEOUT, client.apiserver_version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {API_CALL_TIMEOUT:?}")),
+        };
+        match (&self.api.1, &why) {
+            (None, Some(w)) => tracing::warn!("the API server is unreachable (recording goes on): {w}"),
+            (Some(_), None) => tracing::info!("the API server is reachable again"),
+            _ => {}
+        }
+        self.api.1 = why;
+    }
+
+    /// A drift alert: a log line, a metric, and an Event on the pod (retried while the API
+    /// server cannot be reached).
+    async fn raise(&mut self, recorder: &EventWriter, a: Alert) {
         let Some(pod) = self.known.get(&a.pod) else { return };
         self.metrics.alert(&pod.target, a.kind);
-        let (reason, what) = match a.kind {
-            AlertKind::Cut => ("FlowCut", "the policies in force cut this flow"),
-            AlertKind::Unexpected => ("UnexpectedFlow", "the required-traffic matrix does not expect this flow"),
-        };
+        let (_, what) = alert_words(a.kind);
         tracing::warn!(
             alert = ?a.kind,
             pod = %pod.id(),
@@ -447,35 +478,48 @@ impl Agent {
             fix = a.fix.as_deref().unwrap_or(""),
             "drift: {what}"
         );
-        let mut note = format!("{}: {what}: {}", a.flow, a.reason);
-        if let Some(fix) = &a.fix {
-            note += &format!(" Fix: {fix}");
+        self.pending_events.push_back(a);
+        if self.pending_events.len() > PENDING_EVENTS_MAX {
+            self.pending_events.pop_front();
+            self.metrics.event_errors.inc();
         }
-        // The API caps an Event's note at 1 kB.
-        if note.len() > 1000 {
-            let mut end = 997;
-            while !note.is_char_boundary(end) {
-                end -= 1;
+        self.write_pending_events(recorder).await;
+    }
+
+    /// Writes the Events still owed, oldest first; stops at the first failure (the API server
+    /// is away: the rest wait for the next look).
+    async fn write_pending_events(&mut self, recorder: &EventWriter) {
+        while let Some(a) = self.pending_events.front() {
+            let Some(pod) = self.known.get(&a.pod) else {
+                self.pending_events.pop_front();
+                continue;
+            };
+            let (reason, note) = event(a);
+            let published = tokio::time::timeout(API_CALL_TIMEOUT, recorder.warn(pod, reason, note)).await;
+            match published {
+                Ok(Ok(())) => {
+                    self.metrics.events_published.inc();
+                    self.pending_events.pop_front();
+                }
+                // The server refuses this Event as it is: retrying cannot help, and would hold
+                // up every Event behind it.
+                Ok(Err(kube::Error::Api(status))) if matches!(status.code, 400 | 404 | 409 | 422) => {
+                    self.metrics.event_errors.inc();
+                    tracing::error!(pod = %pod.id(), "the API server refused the Event (dropped): {}", status.message);
+                    self.pending_events.pop_front();
+                }
+                Ok(Err(e)) => {
+                    self.metrics.event_errors.inc();
+                    tracing::warn!(pod = %pod.id(), pending = self.pending_events.len(), "writing the Event (kept, retried): {e}");
+                    return;
+                }
+                Err(_) => {
+                    self.metrics.event_errors.inc();
+                    tracing::warn!(pod = %pod.id(), pending = self.pending_events.len(), "writing the Event timed out (kept, retried)");
+                    return;
+                }
             }
-            note.truncate(end);
-            note += "...";
         }
-        let event = Event {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Audit".into(),
-            secondary: None,
-        };
-        match recorder.publish(&event, &pod.object_ref()).await {
-            Ok(()) => {
-                self.metrics.events_published.inc();
-            }
-            Err(e) => {
-                self.metrics.event_errors.inc();
-                tracing::warn!(pod = %pod.id(), "writing the Event: {e}");
-            }
-        };
     }
 
     /// Writes the FlowReports whose flows changed, each at most once per `report_interval`
@@ -489,18 +533,52 @@ impl Agent {
             {
                 continue;
             }
-            match reports::publish(client, pod, &self.config.node_name, file).await {
-                Ok(()) => {
+            let written =
+                tokio::time::timeout(API_CALL_TIMEOUT, reports::publish(client, pod, &self.config.node_name, file));
+            // Not recorded as reported on failure: written again on the next look.
+            match written.await {
+                Ok(Ok(())) => {
                     self.metrics.reports_published.inc();
                     self.reported.insert(pod.uid.clone(), (fingerprint, Instant::now()));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     self.metrics.report_errors.inc();
-                    tracing::warn!(pod = %pod.id(), "writing the FlowReport: {e}");
+                    tracing::warn!(pod = %pod.id(), "writing the FlowReport (retried): {e}");
+                }
+                Err(_) => {
+                    self.metrics.report_errors.inc();
+                    tracing::warn!(pod = %pod.id(), "writing the FlowReport: no answer within {API_CALL_TIMEOUT:?} (retried)");
                 }
             }
         }
     }
+}
+
+/// An alert's Event reason and what it means.
+fn alert_words(kind: AlertKind) -> (&'static str, &'static str) {
+    match kind {
+        AlertKind::Cut => ("FlowCut", "the policies in force cut this flow"),
+        AlertKind::Unexpected => ("UnexpectedFlow", "the required-traffic matrix does not expect this flow"),
+    }
+}
+
+/// The reason and note of a drift alert's Warning Event.
+fn event(a: &Alert) -> (&'static str, String) {
+    let (reason, what) = alert_words(a.kind);
+    let mut note = format!("{}: {what}: {}", a.flow, a.reason);
+    if let Some(fix) = &a.fix {
+        note += &format!(" Fix: {fix}");
+    }
+    // The API caps an Event's note at 1 kB.
+    if note.len() > 1000 {
+        let mut end = 997;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note += "...";
+    }
+    (reason, note)
 }
 
 fn load_known(path: &Path) -> Result<BTreeMap<String, PodRef>> {
