@@ -383,6 +383,16 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     let proposal = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(proposal.contains("flux-system"), "the peer is proposed by its namespace: {proposal}");
+    // "Would these values cut what the agents saw?" in one command: exit 1, the flow named.
+    let values = s.args.iter().skip_while(|a| *a != "--values").nth(1).unwrap();
+    let out = Command::new(netaudit_bin())
+        .args(["check", "--from-cluster", "--target", "ssc", "--namespace", NS, "--values", values])
+        .env("KUBECONFIG", cluster.cp.kubeconfig())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.lines().any(|l| l.starts_with("CUT") && l.contains(PEER_V4) && l.contains("/80")), "{table}");
 
     // 6. The pod goes: detached, its link pins released.
     let links = pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).join("links");
@@ -611,6 +621,82 @@ fn the_agent_rides_out_apiserver_restarts_compaction_and_a_minute_without_the_ap
         (reported_connections(&s.cluster)? == 5).then_some(())
     });
     assert_eq!(peer_flow(&agent).unwrap()["connections"], 5);
+
+    // The live policy, read back from the API, judges and lints the agents' flows the same way.
+    let netaudit = |args: &[&str]| {
+        let out = Command::new(netaudit_bin()).args(args).env("KUBECONFIG", s.cluster.cp.kubeconfig()).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, table, err) = netaudit(&["check", "--from-cluster", "--namespace", NS, "--target", "ssc"]);
+    assert_eq!(code, Some(1), "{table}{err}");
+    assert!(table.contains("NetworkPolicy stageset-system/ssc-egress"), "{table}");
+    let (code, out, err) = netaudit(&["lint", "--from-cluster"]);
+    eprintln!("LINTOUT {code:?} {out} {err}");
+}
+
+/// The FlowReport limits against the real server: a pod with thousands of flows gets a report
+/// the server accepts (schema, request size, etcd's object limit), holding the busiest flows and
+/// saying how many it left out; the same report with every flow is refused by that server, so
+/// the truncation is needed, not cautious; `netaudit report` counts what was left out as lost.
+#[test]
+fn the_largest_flow_report_is_accepted_and_truncation_holds_against_the_real_limits() {
+    if !require_kernel() {
+        return;
+    }
+    const FLOWS: u16 = 6000;
+    let s = Setup::new(None);
+    let agent = s.start_agent();
+    s.wait_attached(&agent);
+    // One datagram to each of FLOWS ports of the peer: as many distinct flows.
+    helper(&s.lab.pod, Some(&s.container), &["udp-ports", PEER_V4, "20000", &FLOWS.to_string()])
+        .unwrap()
+        .finish()
+        .unwrap();
+    let report = wait("a truncated FlowReport", Duration::from_secs(60), || {
+        let r = s.cluster.objects("flowreports", Some(NS)).into_iter().find(|r| r["metadata"]["name"] == POD)?;
+        (r["flowCount"].as_u64()? >= u64::from(FLOWS)).then_some(r)
+    });
+    let kept = report["flows"]["flows"].as_array().unwrap().len() as u64;
+    let truncated = report["truncated"].as_u64().unwrap();
+    assert!(truncated > 0, "{FLOWS} flows do not fit one report");
+    assert_eq!(kept + truncated, report["flowCount"].as_u64().unwrap(), "every flow is kept or counted");
+    let stored = serde_json::to_string(&report).unwrap().len();
+    assert!(stored < 1536 * 1024, "the stored object ({stored} bytes) is within etcd's 1.5 MiB");
+
+    // Every flow in one object: the real server refuses it.
+    let all: Value = serde_json::from_str(&http_get(agent.flows, &format!("/flows/{NS}/{POD}")).unwrap()).unwrap();
+    let mut full = report.clone();
+    full["metadata"] = json!({"name": "every-flow", "namespace": NS});
+    full["flows"] = all;
+    full["truncated"] = 0.into();
+    let out = Command::new(&s.cluster.cp.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(s.cluster.cp.kubeconfig())
+        .args(["create", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(full.to_string().as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a report of every flow ({} bytes) was accepted", full.to_string().len());
+    assert!(err.contains("too large") || err.contains("Too Large"), "{err}");
+
+    // The consumer is told.
+    let out = Command::new(netaudit_bin())
+        .args(["report", "--namespace", NS, "--target", "ssc"])
+        .env("KUBECONFIG", s.cluster.cp.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged = FlowFile::parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(merged.flows.len() as u64, kept);
+    assert!(merged.losses.flows >= truncated, "truncated flows count as lost: {:?}", merged.losses);
 }
 
 /// The engines' CRDs as published (../shared/crds).

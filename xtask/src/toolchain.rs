@@ -30,11 +30,16 @@ pub fn bootstrap(root: &Path) -> Result<Env> {
     let nightly = nightly()?;
     ensure_rust_src()?;
     let linker_dir = ensure_bpf_linker(root, &nightly)?;
-    let mut path = OsString::from(linker_dir.join("bin"));
-    if let Some(old) = std::env::var_os("PATH") {
-        path.push(":");
-        path.push(old);
-    }
+    let bin = linker_dir.join("bin");
+    let old = std::env::var_os("PATH").unwrap_or_default();
+    // Unchanged when it already leads: a PATH that differs from one run to the next makes
+    // cargo rebuild every crate whose build script watches it.
+    let path = if std::env::split_paths(&old).next().is_some_and(|first| first == bin) {
+        old
+    } else {
+        std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&old)))
+            .context("PATH holds a directory with a `:` in its name")?
+    };
     Ok(Env { path })
 }
 

@@ -46,6 +46,11 @@ pub struct Cluster {
 pub struct Sources {
     #[command(flatten)]
     cluster: Cluster,
+    /// Read the cluster from the API (KUBECONFIG or in-cluster config): its inventory and live
+    /// policies (unless --inventory is given), and for `check` the flows the agents published
+    /// in FlowReports (unless --flows is given). --values and --policy still add candidates.
+    #[arg(long)]
+    from_cluster: bool,
     /// Rendered or live policy manifests (repeatable): NetworkPolicy, CiliumNetworkPolicy,
     /// Calico NetworkPolicy, ClusterNetworkPolicy.
     #[arg(long = "policy", value_name = "FILE")]
@@ -55,10 +60,13 @@ pub struct Sources {
 #[derive(clap::Args)]
 pub struct Args {
     /// The flow file (from `netaudit record`, or hand-written).
-    #[arg(long, value_name = "FILE")]
-    flows: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "from_cluster")]
+    flows: Option<PathBuf>,
     #[command(flatten)]
     sources: Sources,
+    /// With --from-cluster: only the FlowReports of this target workload (the agent's --target name).
+    #[arg(long, requires = "from_cluster")]
+    target: Option<String>,
     /// Required-traffic matrix for another workload (default: the built-in stageset-controller one).
     #[arg(long, value_name = "FILE")]
     matrix: Option<PathBuf>,
@@ -85,7 +93,11 @@ pub struct Loaded {
 }
 
 fn load(s: &Sources) -> Result<Loaded> {
-    load_cluster(&s.cluster, &s.policies, None)
+    let live = match (s.from_cluster, &s.cluster.inventory) {
+        (true, None) => Some(super::agent::fetch_documents()?),
+        _ => None,
+    };
+    load_cluster(&s.cluster, &s.policies, live)
 }
 
 /// Reads the cluster (`--inventory`, or `live` objects listed from the API), the values
@@ -160,7 +172,10 @@ pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], live: Option<Vec<inpu
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let flows = FlowFile::read(&args.flows).map_err(|e| BadInput(format!("{e:#}")))?;
+    let flows = match &args.flows {
+        Some(path) => FlowFile::read(path).map_err(|e| BadInput(format!("{e:#}")))?,
+        None => super::agent::fetch_flows(args.sources.cluster.namespace.as_deref(), args.target.as_deref())?,
+    };
     let loaded = load(&args.sources)?;
     let matrix = match &args.matrix {
         Some(p) => Matrix::load(p)?,
@@ -188,7 +203,11 @@ pub fn run_lint(args: LintArgs) -> Result<ExitCode> {
     let loaded = load(&args.sources)?;
     if loaded.policies.is_empty() {
         return Err(
-            BadInput("no policies to lint: give --policy, --values or an --inventory holding policies".into()).into()
+            BadInput(
+                "no policies to lint: give --policy, --values, an --inventory holding policies, or --from-cluster"
+                    .into(),
+            )
+            .into()
         );
     }
     let findings = policy::lint::lint(&loaded.policies, &loaded.inventory);
