@@ -202,13 +202,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
 pub fn run_lint(args: LintArgs) -> Result<ExitCode> {
     let loaded = load(&args.sources)?;
     if loaded.policies.is_empty() {
-        return Err(
-            BadInput(
-                "no policies to lint: give --policy, --values, an --inventory holding policies, or --from-cluster"
-                    .into(),
-            )
-            .into()
-        );
+        return Err(BadInput(
+            "no policies to lint: give --policy, --values, an --inventory holding policies, or --from-cluster".into(),
+        )
+        .into());
     }
     let findings = policy::lint::lint(&loaded.policies, &loaded.inventory);
     let text = match args.format {
