@@ -70,7 +70,6 @@ fn unique(prefix: &str) -> String {
 
 use netaudit::lab::host::run;
 
-pub mod apiserver;
 pub mod cluster;
 
 /// Two distinct free loopback ports (both held while choosing, so they cannot be the same).

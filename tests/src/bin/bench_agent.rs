@@ -1,10 +1,12 @@
 //! `cargo xtask bench agent` (root): the agent's memory and start-up time against the size of the
 //! cluster it watches, with an empty cluster as the baseline in the same run.
 //!
-//! The stand-in API server (tests/src/apiserver.rs) serves a synthetic cluster in the shape real
-//! objects have (pods with annotations, env, volumes and managed fields; Services with
-//! EndpointSlices; NetworkPolicies). The real `netaudit agent` binary loads the real programs and
-//! watches it; its target matches no pod, so what is measured is the inventory's cost. Figures:
+//! A private real control plane (etcd + kube-apiserver, tests/src/cluster.rs, the bundle applied)
+//! holds a synthetic cluster in the shape real objects have (pods with annotations, env, volumes
+//! and their status written through the status subresource; Services with EndpointSlices;
+//! NetworkPolicies), written once per size through the API. The real `netaudit agent` binary,
+//! under the bundle's ServiceAccount, loads the real programs and watches it; its target matches
+//! no pod, so what is measured is the inventory's cost. Figures:
 //! time until `/readyz` answers (every first list arrived) and the agent's resident memory then
 //! and 5 s later (VmRSS, VmHWM from /proc). Three rounds each; the median is printed.
 
@@ -13,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netaudit_tests::{Bpffs, apiserver::FakeApiserver, free_ports, http_get, netaudit_bin};
+use netaudit_tests::{Bpffs, cluster::TestCluster, free_ports, http_get, netaudit_bin};
 use serde_json::{Value, json};
 
 const SIZES: [usize; 3] = [0, 2_000, 10_000];
@@ -66,8 +68,9 @@ fn cluster(pods: usize) -> Vec<Value> {
     for s in 0..pods / 10 {
         let ns = format!("ns-{}", s % namespaces);
         let name = format!("svc-{s}");
+        // 10.97/16: inside the Service range, clear of 10.96.0.1 (`kubernetes`).
         out.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": {"clusterIP": format!("10.96.{}.{}", s / 256, s % 256), "selector": {"app": format!("app-{}", s % 500)},
+            "spec": {"clusterIP": format!("10.97.{}.{}", s / 250, s % 250 + 1), "selector": {"app": format!("app-{}", s % 500)},
                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}}));
         out.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{name}-abcde"), "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
@@ -79,6 +82,37 @@ fn cluster(pods: usize) -> Vec<Value> {
                 "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]}}));
     }
     out
+}
+
+/// Writes the objects as a user and the missing kubelet would: the objects by server-side apply,
+/// then pods' and nodes' status through the status subresource, in chunks.
+fn write_cluster(cluster: &TestCluster, mut objects: Vec<Value>) {
+    let mut statuses = Vec::new();
+    for o in &mut objects {
+        if matches!(o["kind"].as_str(), Some("Pod" | "Node"))
+            && let Some(status) = o.as_object_mut().and_then(|m| m.remove("status"))
+        {
+            let mut s = json!({"apiVersion": o["apiVersion"], "kind": o["kind"], "metadata": {"name": o["metadata"]["name"]}, "status": status});
+            if let Some(ns) = o["metadata"]["namespace"].as_str() {
+                s["metadata"]["namespace"] = ns.into();
+            }
+            statuses.push(s);
+        }
+        // The server keeps its own record of who wrote what.
+        if let Some(m) = o["metadata"].as_object_mut() {
+            m.remove("managedFields");
+        }
+    }
+    for chunk in objects.chunks(2_000) {
+        cluster.apply(chunk);
+    }
+    for chunk in statuses.chunks(2_000) {
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": chunk}).to_string();
+        cluster.kubectl_with_input(
+            &["apply", "--server-side", "--subresource=status", "--field-manager=kubelet", "-f", "-"],
+            Some(&list),
+        );
+    }
 }
 
 fn memory_kib(pid: u32, field: &str) -> u64 {
@@ -142,9 +176,12 @@ fn main() {
     for pods in SIZES {
         let objects = cluster(pods);
         let n = objects.len();
-        let api = FakeApiserver::start(objects);
+        let cluster = TestCluster::start();
+        let written = Instant::now();
+        write_cluster(&cluster, objects);
+        eprintln!("({pods} pods: {n} objects written through the API in {:.0?})", written.elapsed());
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.kubeconfig(dir.path());
+        let kubeconfig = cluster.agent_kubeconfig(dir.path());
         let rounds: Vec<_> = (0..ROUNDS).map(|_| round(&kubeconfig)).collect();
         let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
         println!(
