@@ -35,8 +35,21 @@ impl TestCluster {
         let cp = ControlPlane::start(&bins, &dir.path().join("cp")).unwrap_or_else(|e| panic!("{e:#}"));
         let cluster = TestCluster { cp, _dir: dir };
         cluster.kubectl(&["apply", "-f", workspace_root().join("deploy/netaudit.yaml").to_str().unwrap()]);
-        cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/flowreports.netaudit.dev"]);
+        cluster.wait_established(&["flowreports.netaudit.dev"]);
         cluster
+    }
+
+    /// Waits until each CRD is established (served). Polled: right after a create its status
+    /// has no conditions yet, and `kubectl wait` fails on that instead of waiting.
+    pub fn wait_established(&self, crds: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for crd in crds {
+            let query = "jsonpath={.status.conditions[?(@.type==\"Established\")].status}";
+            while self.kubectl(&["get", "crd", crd, "-o", query]).trim() != "True" {
+                assert!(Instant::now() < deadline, "CRD {crd} not established within 60 s");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     }
 
     /// Runs kubectl as admin; panics with its stderr when it fails.

@@ -263,15 +263,29 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         return;
     }
     let s = Setup::new(Some(EGRESS_DNS_ONLY));
-    let (cluster, pins, state, log) = (&s.cluster, &s.pins, &s.state, &s.log);
     // One engine's CRD comes later: the agent's CRD watch must notice it (least privilege below
     // sees every grant used).
-    const LATER: &str = "policy.networking.k8s.io_clusternetworkpolicies.yaml";
-    install_engine_crds(cluster, LATER);
-
-    // 1. Discovery through the API: this node's replica is attached, the other node's is not.
+    install_engine_crds(&s.cluster, LATER_CRD);
     let agent = s.start_agent();
     s.wait_attached(&agent);
+    node_local_discovery(&s);
+    recorded_and_enriched(&s, &agent);
+    watch_mode_alerts_and_report(&s, &agent);
+    let agent = sigkill_and_resume(&s, agent);
+    cluster_wide_view(&s);
+    detach_sigterm_cleanup(&s, agent);
+    // Least privilege, measured on the real server's audit log of all of the above.
+    assert_least_privilege(&s.cluster);
+}
+
+/// The engine CRD the main scenario installs while the agent runs.
+const LATER_CRD: &str = "policy.networking.k8s.io_clusternetworkpolicies.yaml";
+
+/// Discovery through the API: this node's replica is attached, the other node's is not; a CRD
+/// installed now is watched.
+fn node_local_discovery(s: &Setup) {
+    let (cluster, log) = (&s.cluster, &s.log);
+    // 1. Discovery through the API: this node's replica is attached, the other node's is not.
     let watches: Vec<String> = cluster
         .agent_requests()
         .iter()
@@ -288,26 +302,33 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         cluster.objects("flowreports", Some(NS)).iter().all(|r| r["metadata"]["name"] != OTHER_REPLICA),
         "the other node's replica is not audited here"
     );
-    cluster.kubectl(&["apply", "--server-side", "-f", &shared_crd(LATER)]);
+    cluster.kubectl(&["apply", "--server-side", "-f", &shared_crd(LATER_CRD)]);
     wait("the agent to watch ClusterNetworkPolicies", Duration::from_secs(30), || {
         std::fs::read_to_string(log)
             .ok()
             .filter(|l| l.contains("ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) is served"))
     });
+}
 
+/// Real traffic, recorded and enriched.
+fn recorded_and_enriched(s: &Setup, agent: &Agent) {
     // 2. Real traffic, recorded and enriched: TCP to the peer's port 80 (a source-controller port
     // in the matrix) and UDP to its port 7 (no matrix row: unexpected).
     s.connect("2");
     helper(&s.lab.pod, Some(&s.container), &["udp", &format!("{PEER_V4}:7"), "1"]).unwrap().finish().unwrap();
     let flow =
-        wait("the flow in /flows", Duration::from_secs(20), || peer_flow(&agent).filter(|f| f["connections"] == 2));
+        wait("the flow in /flows", Duration::from_secs(20), || peer_flow(agent).filter(|f| f["connections"] == 2));
     assert_eq!(flow["direction"], "egress");
     assert_eq!(flow["src"]["identity"]["name"], POD, "{flow:#}");
     assert_eq!(flow["dst"]["identity"]["kind"], "pod");
     assert_eq!(flow["dst"]["identity"]["namespace"], "flux-system");
     assert!(http_get(agent.flows, &format!("/flows/{NS}/{POD}")).is_some(), "per-pod flows");
     assert!(http_get(agent.metrics, "/flows").is_none(), "flows are not on the metrics port");
+}
 
+/// Watch mode: Events, metrics, the structured log line, the FlowReport.
+fn watch_mode_alerts_and_report(s: &Setup, agent: &Agent) {
+    let (cluster, log) = (&s.cluster, &s.log);
     // 3. Watch mode: the cut flow raises an Event on the pod, a metric, and a FlowReport appears.
     let events = cluster.wait_for(EVENTS, Some(NS), "a FlowCut Event", Duration::from_secs(20), |evs| {
         evs.iter().any(|e| e["reason"] == "FlowCut" && e["regarding"]["name"] == POD)
@@ -341,7 +362,11 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     });
     assert_eq!(reports.len(), 1, "only this node's pod has a report: {reports:#?}");
     assert_eq!(reports[0]["metadata"]["labels"]["netaudit.dev/node"], NODE);
+}
 
+/// SIGKILL mid-recording; the next agent resumes without losing or repeating anything.
+fn sigkill_and_resume(s: &Setup, agent: Agent) -> Agent {
+    let (cluster, state) = (&s.cluster, &s.state);
     // 4. SIGKILL mid-recording; the pod keeps talking while no agent runs; the next agent resumes.
     // (Killed between raising an alert and saving that it did, an agent raises it again: an
     // alert repeated beats an alert lost. So the kill waits for the record.)
@@ -366,6 +391,12 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         })
     });
 
+    agent
+}
+
+/// `report`, `propose --from-cluster` and `check --from-cluster` through the API.
+fn cluster_wide_view(s: &Setup) {
+    let cluster = &s.cluster;
     // 5. The cluster-wide view through the API.
     let out = Command::new(netaudit_bin())
         .args(["report", "--namespace", NS, "--target", "ssc"])
@@ -393,7 +424,11 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{table}{}", String::from_utf8_lossy(&out.stderr));
     assert!(table.lines().any(|l| l.starts_with("CUT") && l.contains(PEER_V4) && l.contains("/80")), "{table}");
+}
 
+/// The pod goes (detached, links unpinned); SIGTERM keeps the pins; `--cleanup` removes them.
+fn detach_sigterm_cleanup(s: &Setup, agent: Agent) {
+    let (cluster, pins, state) = (&s.cluster, &s.pins, &s.state);
     // 6. The pod goes: detached, its link pins released.
     let links = pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).join("links");
     assert!(std::fs::read_dir(&links).unwrap().count() > 0);
@@ -416,9 +451,6 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
         .unwrap();
     assert!(ok.success());
     assert!(!pins.join(format!("v{}", netaudit_ebpf::LAYOUT_VERSION)).exists());
-
-    // 8. Least privilege, measured on the real server's audit log of all of the above.
-    assert_least_privilege(cluster);
 }
 
 /// Every engine's published CRD (../shared/crds) but `except`, so the agent watches every kind.
@@ -430,7 +462,10 @@ fn install_engine_crds(cluster: &TestCluster, except: &str) {
     for f in &files {
         cluster.kubectl(&["apply", "--server-side", "-f", f.to_str().unwrap()]);
     }
-    cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]);
+    let crds = cluster.kubectl(&["get", "crd", "-o", "name"]);
+    let names: Vec<&str> =
+        crds.lines().map(|l| l.trim_start_matches("customresourcedefinition.apiextensions.k8s.io/")).collect();
+    cluster.wait_established(&names);
 }
 
 /// (verb, API group, resource[/subresource]).
@@ -731,7 +766,7 @@ fn an_engine_installed_later_is_picked_up_and_judged_by() {
 
     // Cilium's CRD as published; server-side: its schema is too large for the last-applied annotation.
     cluster.kubectl(&["apply", "--server-side", "-f", &shared_crd("cilium.io_ciliumnetworkpolicies.yaml")]);
-    cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/ciliumnetworkpolicies.cilium.io"]);
+    cluster.wait_established(&["ciliumnetworkpolicies.cilium.io"]);
     // Egress of the controller to cluster DNS only: the connection to the peer is cut.
     let cnp = json!({
         "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",

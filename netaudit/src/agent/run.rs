@@ -183,7 +183,7 @@ impl Agent {
             .context("configuring the Kubernetes client (in-cluster service account, or KUBECONFIG)")?;
         let inventory = LiveInventory::start(&client);
         let targets = TargetPods::start(&client, &self.config.node_name, &self.config.targets);
-        let recorder = EventWriter::new(client.clone(), &self.config.node_name);
+        let events = EventWriter::new(client.clone(), &self.config.node_name);
         tracing::info!(
             node = %self.config.node_name,
             mode = ?self.config.mode,
@@ -225,11 +225,11 @@ impl Agent {
             }
             if last_look.is_none_or(|t| t.elapsed() >= self.config.interval) {
                 last_look = Some(Instant::now());
-                self.look(&client, &inventory, &recorder, false).await?;
+                self.look(&client, &inventory, &events, false).await?;
             }
         }
         tracing::info!("stopping: the capture stays pinned for the next agent");
-        self.look(&client, &inventory, &recorder, true).await?;
+        self.look(&client, &inventory, &events, true).await?;
         self.capture.suspend()
     }
 
@@ -316,7 +316,7 @@ impl Agent {
     }
 
     /// Drains, enriches, publishes and (watch mode) judges the flows.
-    async fn look(&mut self, client: &Client, live: &LiveInventory, recorder: &EventWriter, last: bool) -> Result<()> {
+    async fn look(&mut self, client: &Client, live: &LiveInventory, events: &EventWriter, last: bool) -> Result<()> {
         self.refresh_cluster(live);
         let mut file = self.capture.snapshot()?;
         self.cluster.inventory.enrich(&mut file);
@@ -366,7 +366,7 @@ impl Agent {
                     let alerts = self.detector.observe(&file, &report, Instant::now());
                     let raised = !alerts.is_empty();
                     for a in alerts {
-                        self.raise(recorder, a).await;
+                        self.raise(events, a).await;
                     }
                     for (cgroup, n) in &self.detector.suppressed {
                         if let Some(p) = self.known.get(cgroup) {
@@ -391,7 +391,7 @@ impl Agent {
         }
 
         // Events owed from looks while the API server was away.
-        self.write_pending_events(recorder).await;
+        self.write_pending_events(events).await;
         {
             let mut p = self.shared.write().expect("not poisoned");
             p.flows = file.to_json();
@@ -465,7 +465,7 @@ impl Agent {
 
     /// A drift alert: a log line, a metric, and an Event on the pod (retried while the API
     /// server cannot be reached).
-    async fn raise(&mut self, recorder: &EventWriter, a: Alert) {
+    async fn raise(&mut self, events: &EventWriter, a: Alert) {
         let Some(pod) = self.known.get(&a.pod) else { return };
         self.metrics.alert(&pod.target, a.kind);
         let (_, what) = alert_words(a.kind);
@@ -483,19 +483,19 @@ impl Agent {
             self.pending_events.pop_front();
             self.metrics.event_errors.inc();
         }
-        self.write_pending_events(recorder).await;
+        self.write_pending_events(events).await;
     }
 
     /// Writes the Events still owed, oldest first; stops at the first failure (the API server
     /// is away: the rest wait for the next look).
-    async fn write_pending_events(&mut self, recorder: &EventWriter) {
+    async fn write_pending_events(&mut self, events: &EventWriter) {
         while let Some(a) = self.pending_events.front() {
             let Some(pod) = self.known.get(&a.pod) else {
                 self.pending_events.pop_front();
                 continue;
             };
             let (reason, note) = event(a);
-            let published = tokio::time::timeout(API_CALL_TIMEOUT, recorder.warn(pod, reason, note)).await;
+            let published = tokio::time::timeout(API_CALL_TIMEOUT, events.warn(pod, reason, note)).await;
             match published {
                 Ok(Ok(())) => {
                     self.metrics.events_published.inc();
