@@ -40,12 +40,17 @@ impl TestCluster {
     }
 
     /// Waits until each CRD is established (served). Polled: right after a create its status
-    /// has no conditions yet, and `kubectl wait` fails on that instead of waiting.
+    /// has no conditions yet, and `kubectl wait` (and a jsonpath filter) fail on that instead
+    /// of waiting.
     pub fn wait_established(&self, crds: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let established = |crd: &str| {
+            let v: Value = serde_json::from_str(&self.kubectl(&["get", "crd", crd, "-o", "json"])).unwrap();
+            let conditions = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            conditions.iter().any(|c| c["type"] == "Established" && c["status"] == "True")
+        };
         for crd in crds {
-            let query = "jsonpath={.status.conditions[?(@.type==\"Established\")].status}";
-            while self.kubectl(&["get", "crd", crd, "-o", query]).trim() != "True" {
+            while !established(crd) {
                 assert!(Instant::now() < deadline, "CRD {crd} not established within 60 s");
                 std::thread::sleep(Duration::from_millis(200));
             }
