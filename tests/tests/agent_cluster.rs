@@ -56,10 +56,10 @@ fn install_cluster(cluster: &TestCluster) -> String {
             _ => {}
         }
         // Pods' and Nodes' status is the kubelet's: written through the subresource below.
-        if let Some(status) = v.as_object_mut().and_then(|m| m.remove("status")) {
-            if v["kind"] == "Node" {
-                node_status.push((v["metadata"]["name"].as_str().unwrap().to_string(), status));
-            }
+        if let Some(status) = v.as_object_mut().and_then(|m| m.remove("status"))
+            && v["kind"] == "Node"
+        {
+            node_status.push((v["metadata"]["name"].as_str().unwrap().to_string(), status));
         }
         objects.push(v);
     }

@@ -90,7 +90,7 @@ fn pinned_version(root: &Path, c: &Component) -> Result<String> {
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .map(|l| l.trim().trim_start_matches("require").trim())
-        .find_map(|l| l.strip_prefix(c.pinned)?.trim().split_whitespace().next().map(str::to_string))
+        .find_map(|l| l.strip_prefix(c.pinned)?.split_whitespace().next().map(str::to_string))
         .with_context(|| format!("{}: no `require {} vX.Y.Z` line", path.display(), c.pinned))
 }
 
