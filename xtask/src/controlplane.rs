@@ -149,6 +149,7 @@ pub fn build(root: &Path, say: &dyn Fn(&str)) -> Result<Binaries> {
         let dir = bin_dir(root, c, &version);
         let names = binary_names(c);
         if names.iter().all(|n| dir.join(n).is_file()) {
+            say(&format!("{} {version}: cached in {}", names.join(", "), dir.display()));
             continue;
         }
         say(&format!(
