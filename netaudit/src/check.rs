@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     chart::{Release, Values},
+    error::InputError,
     inventory::{Backend, Inventory, Owner, PodInfo, ServiceInfo},
     matrix::{Classification, Matrix, Observation, UnusedRow},
     model::{Direction, Flow, FlowFile, Losses, Protocol},
@@ -104,7 +105,7 @@ pub struct FlowVerdict {
 }
 
 impl Check<'_> {
-    pub fn run(&self, flows: &FlowFile) -> anyhow::Result<Report> {
+    pub fn run(&self, flows: &FlowFile) -> Result<Report, InputError> {
         let inv = self.inventory;
         let mut notes = Vec::new();
         // Audited pods the inventory does not hold: the chart's pod, when values say what it is.
@@ -207,7 +208,7 @@ impl Check<'_> {
         ev: &Evaluator<'_>,
         synth: &[PodInfo],
         engine: Option<Engine>,
-    ) -> anyhow::Result<FlowVerdict> {
+    ) -> Result<FlowVerdict, InputError> {
         let inv = self.inventory;
         let direction = self.direction(f);
         let owner = |ip: IpAddr| match inv.owner(ip) {

@@ -1,21 +1,13 @@
 //! Reading what the user hands us (inventories, policies, values, matrices): YAML or JSON, one
 //! document, a multi-document stream, or a `List`. Every error names the file, the document
-//! (kind, namespace/name) and the field, and is a [`BadInput`] (exit 2).
+//! (kind, namespace/name) and the field: an [`InputError`].
 
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// An error in what the user gave us: the CLI exits 2 on it.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
-
-/// Shorthand for a [`BadInput`] wrapped in anyhow.
-pub fn bad(msg: impl Into<String>) -> anyhow::Error {
-    BadInput(msg.into()).into()
-}
+use crate::error::{FieldError, InputError};
 
 /// One object read from a file, with where it came from.
 #[derive(Clone, Debug)]
@@ -46,28 +38,34 @@ impl Document {
     }
 
     /// Deserializes the document into `T`, naming the field on error.
-    pub fn parse<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
-        from_value(&self.value).map_err(|e| bad(format!("{} ({}): {e}", self.origin, self.describe())))
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, InputError> {
+        from_value(&self.value).map_err(|e| self.error(e))
+    }
+
+    /// `e` placed in this document: file, object, field.
+    pub fn error(&self, e: FieldError) -> InputError {
+        InputError::at(&self.origin, Some(self.describe()), e)
     }
 }
 
 /// Deserializes a JSON value into `T`; the error names the field path (`spec.ingress[0].ports`).
-pub fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, String> {
+pub fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." { inner.to_string() } else { format!("at `{path}`: {inner}") }
+        let inner = e.into_inner().to_string();
+        if path == "." { FieldError::whole(inner) } else { FieldError::new(path, inner) }
     })
 }
 
 /// Reads a YAML or JSON file into its top-level values (documents), unflattened.
-pub fn read_values(path: &Path) -> anyhow::Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: cannot read: {e}", path.display())))?;
-    parse_values(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
+pub fn read_values(path: &Path) -> Result<Vec<Value>, InputError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| InputError::new(&origin, format!("cannot read: {e}")))?;
+    parse_values(&text).map_err(|e| InputError::at(origin, None, e))
 }
 
 /// Parses YAML (one or more documents) or JSON text.
-pub fn parse_values(text: &str) -> Result<Vec<Value>, String> {
+pub fn parse_values(text: &str) -> Result<Vec<Value>, FieldError> {
     let trimmed = text.trim_start();
     let looks_json = trimmed.starts_with('{') || trimmed.starts_with('[');
     let json_err = if looks_json {
@@ -80,9 +78,11 @@ pub fn parse_values(text: &str) -> Result<Vec<Value>, String> {
         None
     };
     // Flow-style YAML (`{a: b}`) also starts with a brace: try YAML before giving up.
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| match &json_err {
-        Some(j) => format!("invalid JSON ({j}) and invalid YAML ({e})"),
-        None => format!("invalid YAML: {e}"),
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
+        FieldError::whole(match &json_err {
+            Some(j) => format!("invalid JSON ({j}) and invalid YAML ({e})"),
+            None => format!("invalid YAML: {e}"),
+        })
     })?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
@@ -90,7 +90,7 @@ pub fn parse_values(text: &str) -> Result<Vec<Value>, String> {
 /// Reads a file of Kubernetes objects: a single object, a multi-document stream, a JSON array, or
 /// a `List` (what `kubectl get … -o yaml` prints). Lists are flattened; items of typed lists
 /// (`PodList`) get their kind from the list.
-pub fn read_objects(path: &Path) -> anyhow::Result<Vec<Document>> {
+pub fn read_objects(path: &Path) -> Result<Vec<Document>, InputError> {
     let file = path.display().to_string();
     let mut out = Vec::new();
     let values = read_values(path)?;
@@ -102,7 +102,7 @@ pub fn read_objects(path: &Path) -> anyhow::Result<Vec<Document>> {
     Ok(out)
 }
 
-fn flatten(value: Value, origin: String, out: &mut Vec<Document>) -> anyhow::Result<()> {
+fn flatten(value: Value, origin: String, out: &mut Vec<Document>) -> Result<(), InputError> {
     let items = match value {
         Value::Array(items) => Some((items, None)),
         Value::Object(mut map) => {
@@ -112,7 +112,7 @@ fn flatten(value: Value, origin: String, out: &mut Vec<Document>) -> anyhow::Res
                 let items = match map.remove("items") {
                     Some(Value::Array(items)) => items,
                     Some(Value::Null) => Vec::new(),
-                    _ => return Err(bad(format!("{origin}: `items` of a {kind} must be a list"))),
+                    _ => return Err(InputError::new(origin, format!("`items` of a {kind} must be a list"))),
                 };
                 let item_kind = (kind != "List").then(|| kind.trim_end_matches("List").to_string());
                 Some((items, item_kind.map(|k| (k, api_version))))
@@ -123,10 +123,13 @@ fn flatten(value: Value, origin: String, out: &mut Vec<Document>) -> anyhow::Res
         }
         Value::Null => None,
         other => {
-            return Err(bad(format!(
-                "{origin}: expected a Kubernetes object (a mapping with apiVersion and kind), found {}",
-                type_name(&other)
-            )));
+            return Err(InputError::new(
+                origin,
+                format!(
+                    "expected a Kubernetes object (a mapping with apiVersion and kind), found {}",
+                    type_name(&other)
+                ),
+            ));
         }
     };
     if let Some((items, typed)) = items {

@@ -6,12 +6,13 @@
 //! fronts which backends); [`policy`] reads four policy engines and judges connections;
 //! [`chart`] renders the audited chart's policies from its values; [`matrix`] says which traffic
 //! the workload needs; [`check`] puts them together per flow. The CLI in the binary wires the
-//! stages to commands; [`input`] reads what users hand it, with errors that name the place.
+//! stages to commands; [`input`] reads what users hand it, with [`error`]s that name the place.
 
 pub mod agent;
 pub mod capture;
 pub mod chart;
 pub mod check;
+pub mod error;
 pub mod graph;
 pub mod input;
 pub mod inventory;

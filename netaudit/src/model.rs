@@ -5,8 +5,9 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, str::FromStr};
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{FieldError, InputError};
 
 /// The flow file's format version. Readers reject files with a newer major version.
 pub const FLOW_FILE_VERSION: u32 = 1;
@@ -198,8 +199,8 @@ impl fmt::Display for Protocol {
 }
 
 impl FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Self, FieldError> {
         Ok(match s.to_ascii_uppercase().as_str() {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
@@ -209,9 +210,9 @@ impl FromStr for Protocol {
             other => match other.strip_prefix("IP-").and_then(|n| n.parse().ok()) {
                 Some(n) => Protocol::from_number(n),
                 None => {
-                    return Err(format!(
+                    return Err(FieldError::whole(format!(
                         "unknown protocol `{s}` (expected TCP, UDP, SCTP, ICMP, ICMPv6 or IP-<number>)"
-                    ));
+                    )));
                 }
             },
         })
@@ -219,8 +220,8 @@ impl FromStr for Protocol {
 }
 
 impl TryFrom<String> for Protocol {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = FieldError;
+    fn try_from(s: String) -> Result<Self, FieldError> {
         s.parse()
     }
 }
@@ -267,23 +268,27 @@ impl FlowFile {
     }
 
     /// Reads a flow file, naming the file, line and column of any problem.
-    pub fn read(path: &Path) -> anyhow::Result<FlowFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading flow file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("flow file {}", path.display()))
+    pub fn read(path: &Path) -> Result<FlowFile, InputError> {
+        let origin = format!("flow file {}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| InputError::new(&origin, format!("cannot read: {e}")))?;
+        Self::parse(&text).map_err(|e| InputError::at(origin, None, e))
     }
 
-    pub fn parse(text: &str) -> anyhow::Result<FlowFile> {
+    pub fn parse(text: &str) -> Result<FlowFile, FieldError> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let file: FlowFile = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            anyhow::anyhow!("line {}, column {}, at `{}`: {}", inner.line(), inner.column(), path, inner)
+            FieldError::new(format!("line {}, column {}, at `{path}`", inner.line(), inner.column()), inner.to_string())
         })?;
         if file.version > FLOW_FILE_VERSION {
-            anyhow::bail!(
-                "version {} is newer than this netaudit understands ({FLOW_FILE_VERSION}); upgrade netaudit",
-                file.version
-            );
+            return Err(FieldError::new(
+                "version",
+                format!(
+                    "{} is newer than this netaudit understands ({FLOW_FILE_VERSION}); upgrade netaudit",
+                    file.version
+                ),
+            ));
         }
         Ok(file)
     }

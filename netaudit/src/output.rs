@@ -2,53 +2,74 @@
 //! reader never sees half a file and a failed write keeps the old one — and never by replacing a
 //! device, FIFO or symlink.
 
-use std::{io::Write, path::Path};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context, Result};
+use crate::error::{Error, InputError};
 
-use crate::input::BadInput;
-
-pub fn check_output_dir(out: &Path) -> Result<()> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+/// Checks, before any work is done, that `path` (given with `flag`) can be written: its
+/// directory exists, and it is not a directory, a dangling symlink or a symlink loop.
+pub fn check_output(flag: &str, path: &Path) -> Result<(), InputError> {
+    let origin = format!("{flag} {}", path.display());
+    let resolved = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
+            Ok(target) => target,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(InputError::new(origin, "is a symlink loop; give a file name"));
+            }
+            Err(_) => {
+                let target = std::fs::read_link(path).unwrap_or_default();
+                return Err(InputError::new(
+                    origin,
+                    format!(
+                        "is a symlink to {}, which does not exist; create it, or remove the link",
+                        target.display()
+                    ),
+                ));
+            }
+        },
+        _ => path.to_path_buf(),
+    };
+    if resolved.is_dir() {
+        return Err(InputError::new(origin, "is a directory; give a file name"));
+    }
+    let dir = resolved.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(BadInput(format!("--output {}: directory {} does not exist", out.display(), dir.display())).into());
+        return Err(InputError::new(origin, format!("directory {} does not exist", dir.display())));
     }
     Ok(())
 }
 
 /// Writes through a temporary file in the same directory and renames it into place, so a
 /// reader never sees half a file and an existing file survives a failed write.
-pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+pub fn write_atomically(path: &Path, contents: &str) -> Result<(), Error> {
+    fn failed(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+        move |source| Error::Write { path: path.to_path_buf(), source }
+    }
     // Renaming a temporary file over a device, FIFO or socket (`--output /dev/null`, a pipe)
     // would replace the node itself: those are written in place. A symlink is followed, so the
     // file it points to is replaced, not the link.
-    let resolved;
-    let path = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            resolved = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-            resolved.as_path()
-        }
-        _ => path,
+    let resolved: PathBuf = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).map_err(failed(path))?,
+        _ => path.to_path_buf(),
     };
+    let path = resolved.as_path();
     if let Ok(meta) = std::fs::metadata(path)
         && !meta.is_file()
     {
         if meta.is_dir() {
-            return Err(BadInput(format!("{} is a directory; give a file name", path.display())).into());
+            return Err(InputError::new(path.display().to_string(), "is a directory; give a file name").into());
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-        return Ok(());
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).map_err(failed(path))?;
+        return f.write_all(contents.as_bytes()).map_err(failed(path));
     }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(contents.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(failed(path))?;
+    tmp.write_all(contents.as_bytes()).map_err(failed(path))?;
+    tmp.as_file().sync_all().map_err(failed(path))?;
+    tmp.persist(path).map_err(|e| failed(path)(e.error))?;
     Ok(())
 }
 
@@ -80,5 +101,24 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
         // Nothing but the three entries: no temporary file left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn output_problems_name_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere/x.json"), &dangling).unwrap();
+        let e = check_output("--output", &dangling).unwrap_err().to_string();
+        assert!(e.starts_with("--output ") && e.contains("does not exist"), "{e}");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let e = check_output("--output", &a).unwrap_err().to_string();
+        assert!(e.contains("symlink loop"), "{e}");
+        let e = check_output("--output", dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let e = check_output("--output", &dir.path().join("no/such/file")).unwrap_err().to_string();
+        assert!(e.contains("directory") && e.contains("does not exist"), "{e}");
+        check_output("--output", &dir.path().join("new.json")).unwrap();
     }
 }

@@ -36,14 +36,16 @@ impl QosClass {
 }
 
 impl FromStr for QosClass {
-    type Err = String;
+    type Err = crate::error::FieldError;
     /// As `status.qosClass` spells it.
-    fn from_str(s: &str) -> Result<QosClass, String> {
+    fn from_str(s: &str) -> Result<QosClass, Self::Err> {
         match s {
             "Guaranteed" => Ok(QosClass::Guaranteed),
             "Burstable" => Ok(QosClass::Burstable),
             "BestEffort" => Ok(QosClass::BestEffort),
-            other => Err(format!("`{other}` is not a QoS class (Guaranteed, Burstable, BestEffort)")),
+            other => Err(crate::error::FieldError::whole(format!(
+                "`{other}` is not a QoS class (Guaranteed, Burstable, BestEffort)"
+            ))),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::Deserialize;
 
-use crate::input::BadInput;
+use crate::error::{FieldError, InputError};
 
 /// A workload to audit: the pods of `namespace` that match `selector` (a label selector as
 /// kubectl takes it: `app.kubernetes.io/name=stageset-controller,tier!=canary`).
@@ -20,22 +20,24 @@ pub struct Target {
 }
 
 impl FromStr for Target {
-    type Err = String;
+    type Err = FieldError;
     /// `NAME=NAMESPACE/SELECTOR`, e.g. `ssc=flux-system/app.kubernetes.io/name=stageset-controller`.
-    fn from_str(s: &str) -> Result<Target, String> {
+    fn from_str(s: &str) -> Result<Target, FieldError> {
         let usage = "write a target as NAME=NAMESPACE/LABEL-SELECTOR, e.g. \
                      ssc=flux-system/app.kubernetes.io/name=stageset-controller";
-        let (name, rest) = s.split_once('=').ok_or_else(|| format!("`{s}`: no `=` after the name; {usage}"))?;
-        let (namespace, selector) =
-            rest.split_once('/').ok_or_else(|| format!("`{s}`: no `/` after the namespace; {usage}"))?;
+        let (name, rest) =
+            s.split_once('=').ok_or_else(|| FieldError::whole(format!("`{s}`: no `=` after the name; {usage}")))?;
+        let (namespace, selector) = rest
+            .split_once('/')
+            .ok_or_else(|| FieldError::whole(format!("`{s}`: no `/` after the namespace; {usage}")))?;
         let t = Target { name: name.into(), namespace: namespace.into(), selector: selector.into() };
-        t.validate().map_err(|e| format!("`{s}`: {e}; {usage}"))?;
+        t.validate().map_err(|e| FieldError::whole(format!("`{s}`: {e}; {usage}")))?;
         Ok(t)
     }
 }
 
 impl Target {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), FieldError> {
         let dns_label = |s: &str| {
             !s.is_empty()
                 && s.len() <= 63
@@ -44,13 +46,16 @@ impl Target {
                 && !s.ends_with('-')
         };
         if !dns_label(&self.name) {
-            return Err(format!("target name `{}` must be a DNS label (a-z, 0-9, -)", self.name));
+            return Err(FieldError::new("name", format!("`{}` must be a DNS label (a-z, 0-9, -)", self.name)));
         }
         if !dns_label(&self.namespace) {
-            return Err(format!("namespace `{}` is not a namespace name", self.namespace));
+            return Err(FieldError::new("namespace", format!("`{}` is not a namespace name", self.namespace)));
         }
         if self.selector.trim().is_empty() {
-            return Err("an empty selector would audit every pod of the namespace; name the workload's labels".into());
+            return Err(FieldError::new(
+                "selector",
+                "an empty selector would audit every pod of the namespace; name the workload's labels",
+            ));
         }
         Ok(())
     }
@@ -117,15 +122,18 @@ pub struct File {
 }
 
 impl File {
-    pub fn load(path: &std::path::Path) -> anyhow::Result<File> {
+    pub fn load(path: &std::path::Path) -> Result<File, InputError> {
+        let origin = path.display().to_string();
         let values = crate::input::read_values(path)?;
         let [value] = values.as_slice() else {
-            return Err(BadInput(format!("{}: expected one document, found {}", path.display(), values.len())).into());
+            return Err(InputError::new(origin, format!("expected one document, found {}", values.len())));
         };
-        let file: File = crate::input::from_value(value)
-            .map_err(|e| BadInput(format!("{}: {e} (fields: see `netaudit agent --help`)", path.display())))?;
-        for t in &file.targets {
-            t.validate().map_err(|e| BadInput(format!("{}: targets: {e}", path.display())))?;
+        let file: File = crate::input::from_value(value).map_err(|mut e| {
+            e.message += " (fields: see `netaudit agent --help`)";
+            InputError::at(&origin, None, e)
+        })?;
+        for (i, t) in file.targets.iter().enumerate() {
+            t.validate().map_err(|e| InputError::at(&origin, None, e.within(&format!("targets[{i}]"))))?;
         }
         Ok(file)
     }
@@ -146,28 +154,27 @@ mod humantime_serde_opt {
 
 impl Config {
     /// Checks what can be checked before touching the kernel or the API.
-    pub fn validate(&self) -> Result<(), BadInput> {
+    pub fn validate(&self) -> Result<(), InputError> {
         if self.node_name.is_empty() {
-            return Err(BadInput(
-                "no node name: set NODE_NAME (the DaemonSet passes spec.nodeName) or --node-name".into(),
+            return Err(InputError::usage(
+                "no node name: set NODE_NAME (the DaemonSet passes spec.nodeName) or --node-name",
             ));
         }
         if self.targets.is_empty() {
-            return Err(BadInput(
-                "no target workload: give --target NAME=NAMESPACE/SELECTOR (repeatable) or `targets:` in --config"
-                    .into(),
+            return Err(InputError::usage(
+                "no target workload: give --target NAME=NAMESPACE/SELECTOR (repeatable) or `targets:` in --config",
             ));
         }
         let mut names: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
         names.sort();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(BadInput(format!("target `{}` is given twice; target names must differ", w[0])));
+            return Err(InputError::usage(format!("target `{}` is given twice; target names must differ", w[0])));
         }
         if self.values.is_some() && self.mode == Mode::Learn {
-            return Err(BadInput("--values is for watch mode (the policies in force); add --mode watch".into()));
+            return Err(InputError::usage("--values is for watch mode (the policies in force); add --mode watch"));
         }
         if self.interval.is_zero() {
-            return Err(BadInput("--interval must be above zero".into()));
+            return Err(InputError::usage("--interval must be above zero"));
         }
         if !self.flows_listen.ip().is_loopback() {
             tracing::warn!(
@@ -189,10 +196,10 @@ mod tests {
         assert_eq!(t.name, "ssc");
         assert_eq!(t.namespace, "flux-system");
         assert_eq!(t.selector, "app.kubernetes.io/name=stageset-controller,tier!=canary");
-        let e = "flux-system/app=x".parse::<Target>().unwrap_err();
+        let e = "flux-system/app=x".parse::<Target>().unwrap_err().to_string();
         assert!(e.contains("NAME=NAMESPACE/LABEL-SELECTOR"), "{e}");
-        assert!("x=ns/".parse::<Target>().unwrap_err().contains("empty selector"));
-        assert!("X=ns/a=b".parse::<Target>().unwrap_err().contains("DNS label"));
+        assert!("x=ns/".parse::<Target>().unwrap_err().to_string().contains("empty selector"));
+        assert!("X=ns/a=b".parse::<Target>().unwrap_err().to_string().contains("DNS label"));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::{
     capture::{Capture, CaptureConfig, Persist, cgroup},
     chart::{CHART_NAME, Release, Values},
     check::Check,
-    input::BadInput,
+    error::InputError,
     inventory::Inventory,
     matrix::Matrix,
     model::FlowFile,
@@ -128,7 +128,7 @@ impl Agent {
         let cgroup_root = match &config.cgroup_root {
             Some(r) => {
                 let mount = cgroup::cgroup2_mount()?;
-                cgroup::validate(r, &mount).map_err(|e| BadInput(format!("--cgroup-root: {e:#}")))?
+                cgroup::validate(r, &mount).map_err(|e| InputError::new("--cgroup-root", format!("{e:#}")))?
             }
             None => cgroup::cgroup2_mount()?,
         };
@@ -138,7 +138,7 @@ impl Agent {
             let parent = config.pin_dir.parent().unwrap_or(Path::new("/"));
             crate::capture::check_bpffs(parent)
                 .and_then(|()| std::fs::create_dir(&config.pin_dir).map_err(Into::into))
-                .map_err(|e| BadInput(format!("--pin-dir {}: {e:#}", config.pin_dir.display())))?;
+                .map_err(|e| InputError::new(format!("--pin-dir {}", config.pin_dir.display()), format!("{e:#}")))?;
         }
         crate::capture::preflight()?;
         let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
@@ -284,7 +284,7 @@ impl Agent {
 
     fn save_known(&self) -> Result<()> {
         let json = serde_json::to_string_pretty(&self.known)?;
-        crate::output::write_atomically(&self.config.state_dir.join(PODS_FILE), &json)
+        Ok(crate::output::write_atomically(&self.config.state_dir.join(PODS_FILE), &json)?)
     }
 
     /// Rebuilds the inventory and policies from the reflectors when they moved. An object that

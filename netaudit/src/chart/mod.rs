@@ -8,7 +8,8 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    input::{Document, bad, type_name},
+    error::{FieldError, InputError},
+    input::{Document, type_name},
     inventory::{ContainerPort, Labels, NAMESPACE_NAME_LABEL, PodInfo},
     model::{DNS_PORT, Protocol},
     policy::{Engine, cilium},
@@ -48,14 +49,19 @@ impl Values {
         Values { origin: "chart defaults".into(), root: defaults() }
     }
 
-    pub fn load(path: &Path) -> anyhow::Result<Values> {
+    pub fn load(path: &Path) -> Result<Values, InputError> {
         let docs = crate::input::read_values(path)?;
         let origin = path.display().to_string();
         let user = match docs.as_slice() {
             [] => Value::Object(Map::new()),
             [v @ Value::Object(_)] => v.clone(),
-            [other] => return Err(bad(format!("{origin}: values must be a mapping, found {}", type_name(other)))),
-            _ => return Err(bad(format!("{origin}: a values file holds one YAML document, found {}", docs.len()))),
+            [other] => {
+                return Err(InputError::new(origin, format!("values must be a mapping, found {}", type_name(other))));
+            }
+            _ => {
+                let msg = format!("a values file holds one YAML document, found {}", docs.len());
+                return Err(InputError::new(origin, msg));
+            }
         };
         let mut root = defaults();
         merge(&mut root, user);
@@ -65,7 +71,7 @@ impl Values {
     }
 
     /// These values with `over` merged on top (Helm's merge), checked like a values file.
-    pub fn with_overrides(&self, over: Value) -> anyhow::Result<Values> {
+    pub fn with_overrides(&self, over: Value) -> Result<Values, InputError> {
         let mut root = self.root.clone();
         merge(&mut root, over);
         let v = Values { origin: format!("proposed values over {}", self.origin), root };
@@ -78,11 +84,11 @@ impl Values {
         path.split('.').try_fold(&self.root, |v, k| v.get(k))
     }
 
-    fn err(&self, path: &str, msg: impl std::fmt::Display) -> anyhow::Error {
-        bad(format!("{}: {path}: {msg}", self.origin))
+    fn err(&self, path: &str, msg: impl std::fmt::Display) -> InputError {
+        InputError::at(&self.origin, None, FieldError::new(path, msg.to_string()))
     }
 
-    pub fn bool(&self, path: &str) -> anyhow::Result<bool> {
+    pub fn bool(&self, path: &str) -> Result<bool, InputError> {
         match self.get(path) {
             None | Some(Value::Null) => Ok(false),
             Some(Value::Bool(b)) => Ok(*b),
@@ -90,7 +96,7 @@ impl Values {
         }
     }
 
-    pub fn str(&self, path: &str) -> anyhow::Result<String> {
+    pub fn str(&self, path: &str) -> Result<String, InputError> {
         match self.get(path) {
             None | Some(Value::Null) => Ok(String::new()),
             Some(Value::String(s)) => Ok(s.clone()),
@@ -98,7 +104,7 @@ impl Values {
         }
     }
 
-    pub fn port(&self, path: &str) -> anyhow::Result<u16> {
+    pub fn port(&self, path: &str) -> Result<u16, InputError> {
         match self.get(path) {
             Some(Value::Number(n)) => n
                 .as_u64()
@@ -110,7 +116,7 @@ impl Values {
         }
     }
 
-    fn int(&self, path: &str) -> anyhow::Result<i64> {
+    fn int(&self, path: &str) -> Result<i64, InputError> {
         match self.get(path) {
             Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64().unwrap()),
             Some(other) => Err(self.err(path, format!("expected a whole number, found {other}"))),
@@ -119,7 +125,7 @@ impl Values {
     }
 
     /// A list value (a passthrough rule list); absent or null is empty.
-    pub fn list(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+    pub fn list(&self, path: &str) -> Result<Vec<Value>, InputError> {
         match self.get(path) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(v)) => Ok(v.clone()),
@@ -127,14 +133,14 @@ impl Values {
         }
     }
 
-    pub fn engine(&self) -> anyhow::Result<Engine> {
+    pub fn engine(&self) -> Result<Engine, InputError> {
         let s = self.str("networkPolicy.engine")?;
-        s.parse().map_err(|e: String| self.err("networkPolicy.engine", e))
+        s.parse().map_err(|e: FieldError| self.err("networkPolicy.engine", e.message))
     }
 
     /// Whether a condition such as `webhook.enabled`, `controller.tracing.endpoint` (a non-empty
     /// string) or `rollbackStore.backend == s3` holds.
-    pub fn condition(&self, cond: &str) -> anyhow::Result<bool> {
+    pub fn condition(&self, cond: &str) -> Result<bool, InputError> {
         if let Some((path, want)) = cond.split_once("==") {
             return Ok(self.str(path.trim())? == want.trim());
         }
@@ -149,7 +155,7 @@ impl Values {
     }
 
     /// Checks every value the renderer reads, so a mistake is reported once, with its path.
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> Result<(), InputError> {
         self.engine()?;
         for (name, cond) in INGRESS_PORTS {
             self.port(&format!("ports.{name}"))?;
@@ -217,7 +223,7 @@ impl Values {
 
     /// The controller pod as the chart defines it (labels, named ports), for flows whose pod the
     /// inventory does not hold.
-    pub fn workload_pod(&self, release: &Release) -> anyhow::Result<PodInfo> {
+    pub fn workload_pod(&self, release: &Release) -> Result<PodInfo, InputError> {
         let mut ports = Vec::new();
         for (name, cond) in INGRESS_PORTS {
             if cond.map(|c| self.bool(c)).transpose()?.unwrap_or(true) {
@@ -241,7 +247,7 @@ impl Values {
     }
 
     /// The objects the chart renders for its `networkPolicy` block (none when it is disabled).
-    pub fn render(&self, release: &Release) -> anyhow::Result<Vec<Document>> {
+    pub fn render(&self, release: &Release) -> Result<Vec<Document>, InputError> {
         if !self.bool("networkPolicy.enabled")? {
             return Ok(Vec::new());
         }

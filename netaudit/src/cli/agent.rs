@@ -1,7 +1,7 @@
 //! `netaudit agent` (the DaemonSet's process) and `netaudit report` (the cluster-wide view from
 //! the FlowReports the agents publish).
 
-use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use netaudit::{
@@ -14,7 +14,7 @@ use netaudit::{
     model::FlowFile,
 };
 
-use super::{check_output_dir, record::parse_duration, write_atomically};
+use super::{check_output, record::parse_duration, write_atomically};
 
 /// The agent's pin directory on the node's bpffs.
 const PIN_DIR: &str = "/sys/fs/bpf/netaudit";
@@ -111,7 +111,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         for f in [run::PODS_FILE, run::SEEN_FILE] {
             let _ = std::fs::remove_file(config.state_dir.join(f));
         }
-        eprintln!(
+        say!(
             "netaudit: removed the pins under {} and the state in {}",
             config.pin_dir.display(),
             config.state_dir.display()
@@ -138,16 +138,16 @@ pub struct ReportArgs {
 /// The flows all agents published, as one flow file (for `check`, `propose`, `graph`).
 pub fn run_report(a: ReportArgs) -> Result<ExitCode> {
     if let Some(out) = &a.output {
-        check_output_dir(out)?;
+        check_output("--output", out)?;
     }
     let file = fetch_flows(a.namespace.as_deref(), a.target.as_deref())?;
     let json = file.to_json();
     match &a.output {
         Some(p) => {
             write_atomically(p, &json)?;
-            eprintln!("netaudit: wrote {}", p.display());
+            say!("netaudit: wrote {}", p.display());
         }
-        None => std::io::stdout().lock().write_all(json.as_bytes())?,
+        None => super::emit(&json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -179,12 +179,14 @@ pub fn fetch_flows(namespace: Option<&str>, target: Option<&str>) -> Result<Flow
     let mut nodes: Vec<&str> = fetched.iter().map(|f| f.node.as_str()).collect();
     nodes.sort();
     nodes.dedup();
-    eprintln!("netaudit: {} FlowReports from {} node(s): {}", fetched.len(), nodes.len(), nodes.join(", "));
+    say!("netaudit: {} FlowReports from {} node(s): {}", fetched.len(), nodes.len(), nodes.join(", "));
     for f in fetched.iter().filter(|f| f.truncated > 0) {
-        eprintln!(
+        say!(
             "netaudit: WARNING: FlowReport {} left out {} of its quietest flows (object size limit); the agent's \
              /flows endpoint on node {} has them all",
-            f.id, f.truncated, f.node
+            f.id,
+            f.truncated,
+            f.node
         );
     }
     let truncated: u64 = fetched.iter().map(|f| f.truncated).sum();

@@ -1,13 +1,14 @@
 //! `netaudit check` (flows × policies → verdicts) and `netaudit lint` (the policies alone).
-//! Exit codes: 0 nothing cut, 1 some flow cut (lint: an error-level finding), 2 bad input.
+//! Exit codes: 0 nothing cut, 1 some flow cut (lint: an error-level finding), 2 any error.
 
-use std::{io::Write, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use netaudit::{
     chart::{CHART_NAME, Release, Values},
     check::{Check, FlowVerdict, Report},
-    input::{self, BadInput},
+    error::InputError,
+    input,
     inventory::Inventory,
     matrix::Matrix,
     model::FlowFile,
@@ -93,26 +94,22 @@ pub struct Loaded {
 }
 
 fn load(s: &Sources) -> Result<Loaded> {
-    let live = match (s.from_cluster, &s.cluster.inventory) {
-        (true, None) => Some(super::agent::fetch_documents()?),
-        _ => None,
-    };
-    load_cluster(&s.cluster, &s.policies, live)
+    load_cluster(&s.cluster, &s.policies, s.from_cluster)
 }
 
-/// Reads the cluster (`--inventory`, or `live` objects listed from the API), the values
-/// (rendering the chart's policies) and `policy_files`.
-pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], live: Option<Vec<input::Document>>) -> Result<Loaded> {
+/// Reads the cluster (`--inventory`; else, with `from_cluster`, the objects listed from the
+/// API), the values (rendering the chart's policies) and `policy_files`.
+pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], from_cluster: bool) -> Result<Loaded> {
     let mut notes = Vec::new();
-    let (mut inventory, rest) = match (&s.inventory, live) {
-        (Some(p), _) => Inventory::load(p)?,
-        (None, Some(docs)) => {
+    let (mut inventory, rest) = match &s.inventory {
+        Some(p) => Inventory::load(p)?,
+        None if from_cluster => {
             let mut inv = Inventory::default();
-            let rest = inv.add_documents(docs)?;
+            let rest = inv.add_documents(super::agent::fetch_documents()?)?;
             inv.index();
             (inv, rest)
         }
-        (None, None) => (Inventory::default(), Vec::new()),
+        None => (Inventory::default(), Vec::new()),
     };
     let (mut policies, skipped) = policy::from_documents(rest)?;
     for d in &skipped {
@@ -122,7 +119,7 @@ pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], live: Option<Vec<inpu
         let docs = input::read_objects(path)?;
         let (found, rest) = policy::from_documents(docs)?;
         if found.is_empty() {
-            return Err(BadInput(format!("--policy {}: holds no policy objects", path.display())).into());
+            return Err(InputError::new(format!("--policy {}", path.display()), "holds no policy objects").into());
         }
         policies.extend(found);
         for d in &rest {
@@ -173,7 +170,7 @@ pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], live: Option<Vec<inpu
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let flows = match &args.flows {
-        Some(path) => FlowFile::read(path).map_err(|e| BadInput(format!("{e:#}")))?,
+        Some(path) => FlowFile::read(path)?,
         None => super::agent::fetch_flows(args.sources.cluster.namespace.as_deref(), args.target.as_deref())?,
     };
     let loaded = load(&args.sources)?;
@@ -189,23 +186,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         release: &loaded.release,
         matrix: &matrix,
     };
-    let mut report = check.run(&flows).map_err(|e| BadInput(format!("{e:#}")))?;
+    let mut report = check.run(&flows)?;
     report.notes.splice(0..0, loaded.notes);
     let text = match args.format {
         Format::Json => serde_json::to_string_pretty(&report).context("serializing the report")? + "\n",
         Format::Table => table(&report, &matrix),
     };
-    std::io::stdout().lock().write_all(text.as_bytes()).context("writing the report")?;
+    super::emit(&text)?;
     Ok(if report.summary.cut > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 pub fn run_lint(args: LintArgs) -> Result<ExitCode> {
     let loaded = load(&args.sources)?;
     if loaded.policies.is_empty() {
-        return Err(BadInput(
-            "no policies to lint: give --policy, --values, an --inventory holding policies, or --from-cluster".into(),
-        )
-        .into());
+        let msg = "no policies to lint: give --policy, --values, an --inventory holding policies, or --from-cluster";
+        return Err(InputError::usage(msg).into());
     }
     let findings = policy::lint::lint(&loaded.policies, &loaded.inventory);
     let text = match args.format {
@@ -213,7 +208,7 @@ pub fn run_lint(args: LintArgs) -> Result<ExitCode> {
         Format::Table if findings.is_empty() => format!("no findings in {} policies\n", loaded.policies.len()),
         Format::Table => findings.iter().map(finding_line).collect(),
     };
-    std::io::stdout().lock().write_all(text.as_bytes())?;
+    super::emit(&text)?;
     let errors = findings.iter().any(|f| f.severity == Severity::Error);
     Ok(if errors { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

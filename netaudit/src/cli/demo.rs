@@ -22,7 +22,6 @@ use netaudit::{
     chart::{INGRESS_PORTS, Values},
     check::{Check, Report},
     graph,
-    input::BadInput,
     inventory::Inventory,
     lab::{self, Lab, host::Actor},
     matrix::Matrix,
@@ -30,7 +29,7 @@ use netaudit::{
     propose::{self, Options, render},
 };
 
-use super::write_atomically;
+use super::{InputError, write_atomically};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,26 +45,26 @@ pub struct Args {
 }
 
 fn say(s: &str) {
-    eprintln!("demo: {s}");
+    say!("demo: {s}");
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(BadInput(
-            "the demo needs root (network namespaces, a cgroup, eBPF programs): run it with sudo".into(),
+        return Err(InputError::usage(
+            "the demo needs root (network namespaces, a cgroup, eBPF programs): run it with sudo",
         )
         .into());
     }
     if std::process::Command::new("nft").arg("--version").output().is_err() {
-        return Err(
-            BadInput("the demo needs nftables for the lab's ClusterIP DNAT: apt-get install nftables".into()).into()
-        );
+        let msg = "the demo needs nftables for the lab's ClusterIP DNAT: apt-get install nftables";
+        return Err(InputError::usage(msg).into());
     }
     netaudit::capture::preflight()?;
     let dir = match &args.output_dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| BadInput(format!("--output-dir {}: {e}", d.display())))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| InputError::new(format!("--output-dir {}", d.display()), e.to_string()))?;
             d.clone()
         }
         None => tempfile::Builder::new().prefix("netaudit-demo-").tempdir()?.keep(),
@@ -128,7 +127,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     let text = summary(&report, &proposal_yaml, args.engine, &dir);
     write_atomically(&dir.join("report.txt"), &text)?;
-    std::io::stdout().lock().write_all(text.as_bytes())?;
+    super::emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -171,7 +170,8 @@ fn record(lab: &Lab, values: &Values, args: &Args, stop: &AtomicBool) -> Result<
         capture.poll()?;
         if tty {
             let p = capture.progress()?;
-            eprint!(
+            let _ = write!(
+                std::io::stderr(),
                 "\r\x1b[Kdemo: recording {}s of {}s · {} flows",
                 started.elapsed().as_secs(),
                 args.window.as_secs(),
@@ -181,7 +181,7 @@ fn record(lab: &Lab, values: &Values, args: &Args, stop: &AtomicBool) -> Result<
         }
     }
     if tty {
-        eprintln!();
+        say!("");
     }
     let flows = capture.stop()?;
     say(&format!("recorded {} flows", flows.flows.len()));

@@ -1,5 +1,12 @@
-//! Commands. Exit codes: 0 success, 1 the command found something (e.g. `check` found cuts) or
-//! failed at run time, 2 bad input (a file, flag or value the user must fix).
+//! Commands. The exit-code contract, for every command: 0 nothing cut; 1 some flow cut (`lint`:
+//! an error-level finding); 2 any error — bad input and failures alike. A closed stdout
+//! (`netaudit check … | head`) is not an error: the rest of the output is dropped quietly and the
+//! code stays the verdict's. A closed or broken stderr is never fatal.
+
+/// `say!("…", args)`: a line for the user on stderr, through [`say`] (never panics).
+macro_rules! say {
+    ($($t:tt)*) => { $crate::cli::say(format_args!($($t)*)) };
+}
 
 mod agent;
 mod check;
@@ -7,14 +14,24 @@ mod demo;
 mod propose;
 mod record;
 
-use std::{io::Write, process::ExitCode};
+use std::{
+    io::{ErrorKind, Write},
+    process::ExitCode,
+};
 
 use anyhow::{Context, Result};
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "netaudit", version, about = "eBPF runtime traffic auditor for Kubernetes workloads")]
+#[command(
+    name = "netaudit",
+    version,
+    about = "eBPF runtime traffic auditor for Kubernetes workloads",
+    after_help = "Exit codes, every command: 0 nothing cut; 1 some flow cut (lint: an error-level finding); \
+                  2 any error (bad input, an unwritable output, an API error). A closed stdout (`| head`) \
+                  keeps the verdict's code."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,7 +54,7 @@ enum Command {
     /// Record the flows of processes in cgroups (or of one process) into a flow file.
     Record(record::Args),
     /// Judge recorded flows against policies (manifests, live objects, or the chart's values) and
-    /// the required-traffic matrix. Exit 0: nothing cut; 1: some flow cut; 2: bad input.
+    /// the required-traffic matrix. Exit 0: nothing cut; 1: some flow cut; 2: any error.
     Check(check::Args),
     /// Lint policies: objects the API server rejects, rules that do not do what they look like.
     Lint(check::LintArgs),
@@ -63,9 +80,27 @@ enum Command {
 }
 
 pub use netaudit::{
-    input::BadInput,
-    output::{check_output_dir, write_atomically},
+    error::InputError,
+    output::{check_output, write_atomically},
 };
+
+/// Exit code for any error.
+const EXIT_ERROR: u8 = 2;
+
+/// Writes a command's output to stdout. A reader that went away (`| head`) is not an error:
+/// what it did not want is dropped, and the command's verdict stands.
+pub fn emit(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()).and_then(|()| std::io::stdout().flush()) {
+        Err(e) if e.kind() != ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
+/// A line for the user on stderr (progress, what was written). Unlike `eprintln!` it never
+/// panics: a closed or broken stderr loses the line, not the command.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
 
 #[derive(clap::Args)]
 struct ManifestsArgs {
@@ -106,7 +141,9 @@ fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
     let values = match &a.values {
         None => None,
         Some(_) if a.mode != Mode::Watch => {
-            return Err(BadInput("--values is for watch mode (the policies in force); add --mode watch".into()).into());
+            return Err(
+                InputError::usage("--values is for watch mode (the policies in force); add --mode watch").into()
+            );
         }
         Some(p) => {
             // Checked now, not on every node at start.
@@ -132,7 +169,7 @@ fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
         mode: format!("{:?}", a.mode).to_lowercase(),
         values,
     };
-    std::io::stdout().lock().write_all(bundle_yaml(&o)?.as_bytes())?;
+    emit(&bundle_yaml(&o)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -141,7 +178,7 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { 0 });
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
@@ -164,8 +201,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("netaudit: error: {e:#}");
-            if e.chain().any(|c| c.is::<BadInput>()) { ExitCode::from(2) } else { ExitCode::from(1) }
+            say!("netaudit: error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

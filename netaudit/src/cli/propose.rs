@@ -1,11 +1,11 @@
 //! `netaudit propose`: recorded flows → the smallest allowlist, as chart values, manifests or
 //! JSON. Output goes to stdout or, atomically, to `--output`.
 
-use std::{io::Write, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use netaudit::{
-    input::BadInput,
+    error::{FieldError, InputError},
     matrix::Matrix,
     model::FlowFile,
     policy::Engine,
@@ -14,7 +14,7 @@ use netaudit::{
 
 use super::{
     check::{Cluster, load_cluster},
-    check_output_dir, write_atomically,
+    check_output, emit, write_atomically,
 };
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -61,39 +61,29 @@ pub struct Args {
     output: Option<PathBuf>,
 }
 
-fn parse_engine(s: &str) -> Result<Engine, String> {
+fn parse_engine(s: &str) -> Result<Engine, FieldError> {
     s.parse()
 }
 
-fn parse_aggregate(s: &str) -> Result<Aggregate, String> {
+fn parse_aggregate(s: &str) -> Result<Aggregate, FieldError> {
     s.parse()
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(out) = &args.output {
-        check_output_dir(out)?;
+        check_output("--output", out)?;
     }
-    let (flows, loaded) = match &args.flows {
-        Some(path) => {
-            (FlowFile::read(path).map_err(|e| BadInput(format!("{e:#}")))?, load_cluster(&args.cluster, &[], None)?)
-        }
-        None => {
-            let flows = super::agent::fetch_flows(args.cluster.namespace.as_deref(), args.target.as_deref())?;
-            let live = match args.cluster.inventory {
-                Some(_) => None,
-                None => Some(super::agent::fetch_documents()?),
-            };
-            (flows, load_cluster(&args.cluster, &[], live)?)
-        }
+    let flows = match &args.flows {
+        Some(path) => FlowFile::read(path)?,
+        None => super::agent::fetch_flows(args.cluster.namespace.as_deref(), args.target.as_deref())?,
     };
+    let loaded = load_cluster(&args.cluster, &[], args.from_cluster)?;
     let engine = match args.engine {
         Some(e) => e,
         None if loaded.values_given => loaded.values.engine()?,
         None => {
-            return Err(BadInput(
-                "give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values".into(),
-            )
-            .into());
+            let msg = "give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values";
+            return Err(InputError::usage(msg).into());
         }
     };
     let matrix = match &args.matrix {
@@ -109,8 +99,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &loaded.release,
         &matrix,
         &opts,
-    )
-    .map_err(|e| BadInput(format!("{e:#}")))?;
+    )?;
     proposal.notes.splice(0..0, loaded.notes);
     let text = match args.format {
         Format::Values => render::values_yaml(&proposal)?,
@@ -118,7 +107,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Format::Json => serde_json::to_string_pretty(&proposal)? + "\n",
     };
     match &args.output {
-        None => std::io::stdout().lock().write_all(text.as_bytes()).context("writing the proposal")?,
+        None => emit(&text)?,
         Some(out) => write_atomically(out, &text)?,
     }
     Ok(ExitCode::SUCCESS)

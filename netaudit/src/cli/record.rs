@@ -18,7 +18,7 @@ use netaudit::{
     model::FlowFile,
 };
 
-use super::{BadInput, check_output_dir, write_atomically};
+use super::{InputError, check_output, write_atomically};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,37 +47,38 @@ pub struct Args {
     state_dir: Option<PathBuf>,
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, netaudit::error::FieldError> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); use seconds or e.g. 30s, 5m"))
+    humantime::parse_duration(s).map_err(|e| {
+        netaudit::error::FieldError::whole(format!("`{s}` is not a duration ({e}); use seconds or e.g. 30s, 5m"))
+    })
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let cgroups = match args.pid {
-        Some(pid) => vec![cgroup::cgroup_of_pid(pid).map_err(|e| BadInput(format!("--pid {pid}: {e:#}")))?],
+        Some(pid) => {
+            vec![cgroup::cgroup_of_pid(pid).map_err(|e| InputError::new(format!("--pid {pid}"), format!("{e:#}")))?]
+        }
         None => args.cgroup.clone(),
     };
     if let Some(out) = &args.output {
-        check_output_dir(out)?;
+        check_output("--output", out)?;
     }
     // Bad paths are the user's to fix (exit 2), so check them before anything else.
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = cgroups
         .iter()
-        .map(|dir| cgroup::validate(dir, &mount).map_err(|e| BadInput(format!("--cgroup: {e:#}"))))
+        .map(|dir| cgroup::validate(dir, &mount).map_err(|e| InputError::new("--cgroup", format!("{e:#}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    cgroup::reject_nesting(&cgroups).map_err(|e| BadInput(format!("--cgroup: {e:#}")))?;
+    cgroup::reject_nesting(&cgroups).map_err(|e| InputError::new("--cgroup", format!("{e:#}")))?;
     netaudit::capture::preflight()?;
     let persist = match (&args.pin_dir, &args.state_dir) {
         (Some(pin_dir), Some(state_dir)) => {
             if !pin_dir.is_dir() {
-                return Err(BadInput(format!(
-                    "--pin-dir {}: no such directory (mount a bpffs there)",
-                    pin_dir.display()
-                ))
-                .into());
+                let flag = format!("--pin-dir {}", pin_dir.display());
+                return Err(InputError::new(flag, "no such directory (mount a bpffs there)").into());
             }
             Some(Persist { pin_dir: pin_dir.clone(), state_dir: state_dir.clone() })
         }
@@ -90,7 +91,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let mut capture = Capture::start(&config)?;
     for s in capture.sources() {
-        eprintln!("netaudit: recording cgroup {} (id {})", s.cgroup, s.cgroup_id);
+        say!("netaudit: recording cgroup {} (id {})", s.cgroup, s.cgroup_id);
     }
 
     let tty = std::io::stderr().is_terminal();
@@ -114,12 +115,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             } else {
                 String::new()
             };
-            eprint!("\r\x1b[Krecording {}s{remaining} · {} flows{lost}", started.elapsed().as_secs(), p.flows);
+            let _ = write!(
+                std::io::stderr(),
+                "\r\x1b[Krecording {}s{remaining} · {} flows{lost}",
+                started.elapsed().as_secs(),
+                p.flows
+            );
             let _ = std::io::stderr().flush();
         }
     }
     if tty {
-        eprintln!();
+        say!("");
     }
     let file = capture.stop()?;
     report(&file);
@@ -128,13 +134,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn report(file: &FlowFile) {
-    eprintln!("netaudit: recorded {} flows", file.flows.len());
+    say!("netaudit: recorded {} flows", file.flows.len());
     let l = &file.losses;
     if l.any() {
-        eprintln!(
+        say!(
             "netaudit: WARNING: not everything was recorded: {} flows ({} packets, {} bytes) lost to a full flow map \
              (raise --max-flows), {} DNS answers lost, {} packets unparsed",
-            l.flows, l.packets, l.bytes, l.dns_events, l.unparsed_packets
+            l.flows,
+            l.packets,
+            l.bytes,
+            l.dns_events,
+            l.unparsed_packets
         );
     }
 }
@@ -144,9 +154,9 @@ fn write_output(file: &FlowFile, output: Option<&PathBuf>) -> Result<()> {
     match output {
         Some(path) => {
             write_atomically(path, &json)?;
-            eprintln!("netaudit: wrote {}", path.display());
+            say!("netaudit: wrote {}", path.display());
         }
-        None => std::io::stdout().write_all(json.as_bytes())?,
+        None => super::emit(&json)?,
     }
     Ok(())
 }

@@ -18,7 +18,8 @@ use k8s_openapi::{
 };
 
 use crate::{
-    input::{Document, bad},
+    error::{FieldError, InputError},
+    input::Document,
     model::{FlowFile, Identity, IdentityKind, Protocol},
 };
 
@@ -141,7 +142,7 @@ pub const APISERVER_SERVICE: (&str, &str) = ("default", "kubernetes");
 impl Inventory {
     /// Reads an inventory file. Returns the inventory and the documents it did not consume (for
     /// the policy loader).
-    pub fn load(path: &Path) -> anyhow::Result<(Inventory, Vec<Document>)> {
+    pub fn load(path: &Path) -> Result<(Inventory, Vec<Document>), InputError> {
         let docs = crate::input::read_objects(path)?;
         let mut inv = Inventory::default();
         let rest = inv.add_documents(docs)?;
@@ -150,7 +151,7 @@ impl Inventory {
     }
 
     /// Adds the inventory kinds among `docs`; returns the others.
-    pub fn add_documents(&mut self, docs: Vec<Document>) -> anyhow::Result<Vec<Document>> {
+    pub fn add_documents(&mut self, docs: Vec<Document>) -> Result<Vec<Document>, InputError> {
         let mut rest = Vec::new();
         for doc in docs {
             match (doc.api_version(), doc.kind()) {
@@ -181,7 +182,7 @@ impl Inventory {
         self.namespaces.insert(name.clone(), NamespaceInfo { name, labels });
     }
 
-    fn add_pod(&mut self, doc: &Document, pod: Pod) -> anyhow::Result<()> {
+    fn add_pod(&mut self, doc: &Document, pod: Pod) -> Result<(), InputError> {
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let name = pod.metadata.name.clone().unwrap_or_default();
         let spec = pod.spec.unwrap_or_default();
@@ -190,7 +191,7 @@ impl Inventory {
         let listed = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
         for (i, ip) in status.pod_ip.into_iter().chain(listed).enumerate() {
             let ip: IpAddr = ip.parse().map_err(|_| {
-                bad(format!("{} ({}): status.podIPs[{i}]: `{ip}` is not an IP address", doc.origin, doc.describe()))
+                doc.error(FieldError::new(format!("status.podIPs[{i}]"), format!("`{ip}` is not an IP address")))
             })?;
             if !ips.contains(&ip) {
                 ips.push(ip);
@@ -199,12 +200,13 @@ impl Inventory {
         let mut ports = Vec::new();
         for (ci, c) in spec.containers.iter().chain(spec.init_containers.iter().flatten()).enumerate() {
             for (pi, p) in c.ports.iter().flatten().enumerate() {
-                let where_ = || format!("{} ({}): spec.containers[{ci}].ports[{pi}]", doc.origin, doc.describe());
+                let at = || format!("spec.containers[{ci}].ports[{pi}]");
                 let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0).ok_or_else(|| {
-                    bad(format!("{}.containerPort: {} is not a port (1-65535)", where_(), p.container_port))
+                    let e = FieldError::new("containerPort", format!("{} is not a port (1-65535)", p.container_port));
+                    doc.error(e.within(&at()))
                 })?;
-                let protocol =
-                    parse_protocol(p.protocol.as_deref()).map_err(|e| bad(format!("{}.protocol: {e}", where_())))?;
+                let protocol = parse_protocol(p.protocol.as_deref())
+                    .map_err(|e| doc.error(e.within(&format!("{}.protocol", at()))))?;
                 ports.push(ContainerPort { name: p.name.clone(), port, protocol });
             }
         }
@@ -221,28 +223,28 @@ impl Inventory {
         Ok(())
     }
 
-    fn add_service(&mut self, doc: &Document, svc: Service) -> anyhow::Result<()> {
+    fn add_service(&mut self, doc: &Document, svc: Service) -> Result<(), InputError> {
         let spec = svc.spec.unwrap_or_default();
         let mut cluster_ips = Vec::new();
         for ip in spec.cluster_ip.into_iter().chain(spec.cluster_ips.into_iter().flatten()) {
             if ip.is_empty() || ip == "None" {
                 continue;
             }
-            let ip: IpAddr = ip.parse().map_err(|_| {
-                bad(format!("{} ({}): spec.clusterIPs: `{ip}` is not an IP address", doc.origin, doc.describe()))
-            })?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| doc.error(FieldError::new("spec.clusterIPs", format!("`{ip}` is not an IP address"))))?;
             if !cluster_ips.contains(&ip) {
                 cluster_ips.push(ip);
             }
         }
         let mut ports = Vec::new();
         for (i, p) in spec.ports.into_iter().flatten().enumerate() {
-            let where_ = format!("{} ({}): spec.ports[{i}]", doc.origin, doc.describe());
-            let port = u16::try_from(p.port)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| bad(format!("{where_}.port: {} is not a port (1-65535)", p.port)))?;
-            let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| bad(format!("{where_}.protocol: {e}")))?;
+            let at = format!("spec.ports[{i}]");
+            let port = u16::try_from(p.port).ok().filter(|p| *p > 0).ok_or_else(|| {
+                doc.error(FieldError::new(format!("{at}.port"), format!("{} is not a port (1-65535)", p.port)))
+            })?;
+            let protocol =
+                parse_protocol(p.protocol.as_deref()).map_err(|e| doc.error(e.within(&format!("{at}.protocol"))))?;
             ports.push(ServicePort { name: p.name, port, protocol, target_port: p.target_port });
         }
         self.services.push(ServiceInfo {
@@ -255,19 +257,15 @@ impl Inventory {
         Ok(())
     }
 
-    fn add_node(&mut self, doc: &Document, node: Node) -> anyhow::Result<()> {
+    fn add_node(&mut self, doc: &Document, node: Node) -> Result<(), InputError> {
         let mut addresses = Vec::new();
         for (i, a) in node.status.and_then(|s| s.addresses).into_iter().flatten().enumerate() {
             if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
                 continue;
             }
             let ip: IpAddr = a.address.parse().map_err(|_| {
-                bad(format!(
-                    "{} ({}): status.addresses[{i}].address: `{}` is not an IP address",
-                    doc.origin,
-                    doc.describe(),
-                    a.address
-                ))
+                let at = format!("status.addresses[{i}].address");
+                doc.error(FieldError::new(at, format!("`{}` is not an IP address", a.address)))
             })?;
             addresses.push(ip);
         }
@@ -279,7 +277,7 @@ impl Inventory {
         Ok(())
     }
 
-    fn add_slice(&mut self, doc: &Document, slice: EndpointSlice) -> anyhow::Result<()> {
+    fn add_slice(&mut self, doc: &Document, slice: EndpointSlice) -> Result<(), InputError> {
         let labels = slice.metadata.labels.unwrap_or_default();
         let Some(service) = labels.get("kubernetes.io/service-name") else {
             self.notes.push(format!(
@@ -292,13 +290,13 @@ impl Inventory {
         let namespace = slice.metadata.namespace.unwrap_or_else(|| "default".into());
         let mut ports = Vec::new();
         for (i, p) in slice.ports.into_iter().flatten().enumerate() {
-            let where_ = format!("{} ({}): ports[{i}]", doc.origin, doc.describe());
+            let at = format!("ports[{i}]");
             let Some(port) = p.port else { continue };
-            let port = u16::try_from(port)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| bad(format!("{where_}.port: {port} is not a port (1-65535)")))?;
-            let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| bad(format!("{where_}.protocol: {e}")))?;
+            let port = u16::try_from(port).ok().filter(|p| *p > 0).ok_or_else(|| {
+                doc.error(FieldError::new(format!("{at}.port"), format!("{port} is not a port (1-65535)")))
+            })?;
+            let protocol =
+                parse_protocol(p.protocol.as_deref()).map_err(|e| doc.error(e.within(&format!("{at}.protocol"))))?;
             ports.push((p.name.filter(|n| !n.is_empty()), port, protocol));
         }
         let mut addresses = Vec::new();
@@ -309,11 +307,8 @@ impl Inventory {
             }
             for a in &e.addresses {
                 let ip: IpAddr = a.parse().map_err(|_| {
-                    bad(format!(
-                        "{} ({}): endpoints[{i}].addresses: `{a}` is not an IP address",
-                        doc.origin,
-                        doc.describe()
-                    ))
+                    let at = format!("endpoints[{i}].addresses");
+                    doc.error(FieldError::new(at, format!("`{a}` is not an IP address")))
                 })?;
                 addresses.push(ip);
             }
@@ -472,13 +467,15 @@ impl Inventory {
 }
 
 /// Parses a Kubernetes protocol name (absent means TCP, as the API defaults it).
-pub fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+pub fn parse_protocol(p: Option<&str>) -> Result<Protocol, FieldError> {
     match p {
         None => Ok(Protocol::Tcp),
         Some("TCP") => Ok(Protocol::Tcp),
         Some("UDP") => Ok(Protocol::Udp),
         Some("SCTP") => Ok(Protocol::Sctp),
-        Some(other) => Err(format!("`{other}` is not a protocol Kubernetes accepts (TCP, UDP or SCTP)")),
+        Some(other) => {
+            Err(FieldError::whole(format!("`{other}` is not a protocol Kubernetes accepts (TCP, UDP or SCTP)")))
+        }
     }
 }
 

@@ -98,7 +98,7 @@ impl Drop for Cgroup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("netaudit: warning: could not remove cgroup {}", self.path.display());
+        tracing::warn!("could not remove cgroup {}", self.path.display());
     }
 }
 

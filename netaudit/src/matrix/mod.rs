@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     chart::Values,
-    input::bad,
+    error::{FieldError, InputError},
     inventory::{Inventory, Labels, Owner, ServiceInfo},
     model::Protocol,
     policy::evaluate::{Endpoint, Side},
@@ -150,29 +150,31 @@ impl Matrix {
         m
     }
 
-    pub fn load(path: &Path) -> anyhow::Result<Matrix> {
+    pub fn load(path: &Path) -> Result<Matrix, InputError> {
+        let origin = path.display().to_string();
         let docs = crate::input::read_values(path)?;
         let [doc] = docs.as_slice() else {
-            return Err(bad(format!("{}: a matrix file holds one document, found {}", path.display(), docs.len())));
+            let msg = format!("a matrix file holds one document, found {}", docs.len());
+            return Err(InputError::new(origin, msg));
         };
-        let mut m: Matrix = crate::input::from_value(doc).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        m.origin = path.display().to_string();
-        m.validate().map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let mut m: Matrix = crate::input::from_value(doc).map_err(|e| InputError::at(&origin, None, e))?;
+        m.validate().map_err(|e| InputError::at(&origin, None, e))?;
+        m.origin = origin;
         Ok(m)
     }
 
-    fn parse(text: &str) -> Result<Matrix, String> {
+    fn parse(text: &str) -> Result<Matrix, FieldError> {
         let docs = crate::input::parse_values(text)?;
         let m: Matrix = crate::input::from_value(&docs[0])?;
         m.validate()?;
         Ok(m)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), FieldError> {
         let mut seen = BTreeSet::new();
         for (i, r) in self.rows.iter().enumerate() {
             if !seen.insert(&r.id) {
-                return Err(format!("rows[{i}].id: `{}` is used twice", r.id));
+                return Err(FieldError::new(format!("rows[{i}].id"), format!("`{}` is used twice", r.id)));
             }
         }
         Ok(())
@@ -183,7 +185,12 @@ impl Matrix {
     }
 
     /// Which row the observation belongs to.
-    pub fn classify(&self, o: &Observation<'_>, inv: &Inventory, values: &Values) -> anyhow::Result<Classification> {
+    pub fn classify(
+        &self,
+        o: &Observation<'_>,
+        inv: &Inventory,
+        values: &Values,
+    ) -> Result<Classification, InputError> {
         let mut fits = Vec::new();
         for r in &self.rows {
             if r.direction == o.direction
@@ -217,7 +224,7 @@ impl Matrix {
         })
     }
 
-    fn ports_fit(&self, r: &Row, o: &Observation<'_>, values: &Values) -> anyhow::Result<bool> {
+    fn ports_fit(&self, r: &Row, o: &Observation<'_>, values: &Values) -> Result<bool, InputError> {
         if r.ports.is_empty() {
             return Ok(true);
         }
@@ -238,7 +245,7 @@ impl Matrix {
     }
 
     /// Enabled rows no flow was classified into.
-    pub fn unused(&self, used: &BTreeSet<String>, values: &Values) -> anyhow::Result<Vec<UnusedRow>> {
+    pub fn unused(&self, used: &BTreeSet<String>, values: &Values) -> Result<Vec<UnusedRow>, InputError> {
         let mut out = Vec::new();
         for r in &self.rows {
             let enabled = r.when.as_deref().map(|c| values.condition(c)).transpose()?.unwrap_or(true);
@@ -264,7 +271,7 @@ fn peer_fits(
     o: &Observation<'_>,
     inv: &Inventory,
     values: &Values,
-) -> anyhow::Result<bool> {
+) -> Result<bool, InputError> {
     let ends: Vec<&Endpoint<'_>> = if o.backends.is_empty() { vec![&o.peer] } else { o.backends.iter().collect() };
     let unknown = matches!(o.peer.owner, Owner::External) && o.service.is_none();
     Ok(match kind {

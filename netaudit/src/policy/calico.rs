@@ -13,10 +13,14 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Action, Engine, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Selector, Subject, Tier, field_error,
+    Action, Engine, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Selector, Subject, Tier,
     parse_cidr_or_ip, selector::CalicoExpr,
 };
-use crate::{input::Document, model::Protocol};
+use crate::{
+    error::{FieldError, InputError},
+    input::Document,
+    model::Protocol,
+};
 
 #[derive(Deserialize)]
 struct Object {
@@ -66,9 +70,9 @@ struct EntityRule {
     services: Option<Value>,
 }
 
-pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
+pub fn parse(doc: &Document) -> Result<Policy, InputError> {
     let obj: Object = doc.parse()?;
-    let err = |m: String| field_error(doc, m);
+    let err = |e: FieldError| doc.error(e);
     let global = doc.kind() == "GlobalNetworkPolicy";
     let namespace =
         if global { None } else { Some(obj.metadata.namespace.clone().unwrap_or_else(|| "default".into())) };
@@ -92,13 +96,18 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
                 match t.as_str() {
                     "Ingress" => i = true,
                     "Egress" => e = true,
-                    other => return Err(err(format!("spec.types[{n}]: `{other}` is not Ingress or Egress"))),
+                    other => {
+                        return Err(err(FieldError::new(
+                            format!("spec.types[{n}]"),
+                            format!("`{other}` is not Ingress or Egress"),
+                        )));
+                    }
                 }
             }
             (i, e)
         }
     };
-    let rules = |list: &Option<Vec<CalicoRule>>, dir: &str, ingress: bool| -> anyhow::Result<Vec<Rule>> {
+    let rules = |list: &Option<Vec<CalicoRule>>, dir: &str, ingress: bool| -> Result<Vec<Rule>, InputError> {
         let mut out = Vec::new();
         for (i, r) in list.iter().flatten().enumerate() {
             out.push(rule(r, namespace.as_deref(), &format!("spec.{dir}[{i}]"), ingress).map_err(err)?);
@@ -124,17 +133,19 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
     })
 }
 
-fn expr(s: Option<&str>, at: &str) -> Result<CalicoExpr, String> {
-    CalicoExpr::parse(s.unwrap_or("all()")).map_err(|e| format!("{at}: {e}"))
+fn expr(s: Option<&str>, at: &str) -> Result<CalicoExpr, FieldError> {
+    CalicoExpr::parse(s.unwrap_or("all()")).map_err(|e| e.within(at))
 }
 
-fn rule(r: &CalicoRule, namespace: Option<&str>, at: &str, ingress: bool) -> Result<Rule, String> {
+fn rule(r: &CalicoRule, namespace: Option<&str>, at: &str, ingress: bool) -> Result<Rule, FieldError> {
     let action = match r.action.as_str() {
         "Allow" => Action::Allow,
         "Deny" => Action::Deny,
         "Pass" => Action::Pass,
         "Log" => Action::Log,
-        other => return Err(format!("{at}.action: `{other}` is not Allow, Deny, Pass or Log")),
+        other => {
+            return Err(FieldError::new(format!("{at}.action"), format!("`{other}` is not Allow, Deny, Pass or Log")));
+        }
     };
     let protocol = r.protocol.as_ref().map(|p| protocol_of(p, &format!("{at}.protocol"))).transpose()?;
     let (peer_side, local_side, peer_name, local_name) = if ingress {
@@ -147,7 +158,7 @@ fn rule(r: &CalicoRule, namespace: Option<&str>, at: &str, ingress: bool) -> Res
         let any: ipnet::IpNet = match v {
             4 => "0.0.0.0/0".parse().unwrap(),
             6 => "::/0".parse().unwrap(),
-            _ => return Err(format!("{at}.ipVersion: {v} is not 4 or 6")),
+            _ => return Err(FieldError::new(format!("{at}.ipVersion"), format!("{v} is not 4 or 6"))),
         };
         peer = PeerSel::All(vec![peer, PeerSel::Ip { net: any, except: Vec::new(), world_only: false }]);
     }
@@ -177,7 +188,7 @@ fn rule(r: &CalicoRule, namespace: Option<&str>, at: &str, ingress: bool) -> Res
     Ok(Rule { label: at.to_string(), action, peer, ports, not_ports, local })
 }
 
-fn entity(e: &EntityRule, namespace: Option<&str>, at: &str) -> Result<PeerSel, String> {
+fn entity(e: &EntityRule, namespace: Option<&str>, at: &str) -> Result<PeerSel, FieldError> {
     let mut all = Vec::new();
     let nets: Vec<&String> = e.nets.iter().flatten().chain(e.net.iter()).collect();
     if !nets.is_empty() {
@@ -223,13 +234,13 @@ fn entity(e: &EntityRule, namespace: Option<&str>, at: &str) -> Result<PeerSel, 
     })
 }
 
-fn protocol_of(p: &Value, at: &str) -> Result<Protocol, String> {
+fn protocol_of(p: &Value, at: &str) -> Result<Protocol, FieldError> {
     match p {
         Value::Number(n) => n
             .as_u64()
             .and_then(|n| u8::try_from(n).ok())
             .map(Protocol::from_number)
-            .ok_or_else(|| format!("{at}: {n} is not an IP protocol number (0-255)")),
+            .ok_or_else(|| FieldError::new(at, format!("{n} is not an IP protocol number (0-255)"))),
         Value::String(s) => match s.as_str() {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
@@ -237,23 +248,25 @@ fn protocol_of(p: &Value, at: &str) -> Result<Protocol, String> {
             "ICMP" => Ok(Protocol::Icmp),
             "ICMPv6" => Ok(Protocol::Icmpv6),
             "UDPLite" => Ok(Protocol::Other(136)),
-            other => other
-                .parse::<u8>()
-                .map(Protocol::from_number)
-                .map_err(|_| format!("{at}: `{other}` is not TCP, UDP, SCTP, ICMP, ICMPv6, UDPLite or a number")),
+            other => other.parse::<u8>().map(Protocol::from_number).map_err(|_| {
+                FieldError::new(at, format!("`{other}` is not TCP, UDP, SCTP, ICMP, ICMPv6, UDPLite or a number"))
+            }),
         },
-        other => Err(format!("{at}: expected a protocol name or number, found {}", crate::input::type_name(other))),
+        other => Err(FieldError::new(
+            at,
+            format!("expected a protocol name or number, found {}", crate::input::type_name(other)),
+        )),
     }
 }
 
-fn ports(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> Result<Vec<PortSel>, String> {
+fn ports(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> Result<Vec<PortSel>, FieldError> {
     if list.is_some_and(|l| !l.is_empty()) && !protocol.is_some_and(|p| p.has_ports()) {
-        return Err(format!("{at}: ports need the rule's `protocol` to be TCP, UDP or SCTP"));
+        return Err(FieldError::new(at, "ports need the rule's `protocol` to be TCP, UDP or SCTP"));
     }
     ports_list(list, protocol, at)
 }
 
-fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> Result<Vec<PortSel>, String> {
+fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> Result<Vec<PortSel>, FieldError> {
     let mut out = Vec::new();
     for (i, p) in list.into_iter().flatten().enumerate() {
         let at = format!("{at}[{i}]");
@@ -261,7 +274,10 @@ fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> R
             Value::Number(n) => n.to_string(),
             Value::String(s) => s.clone(),
             other => {
-                return Err(format!("{at}: expected a port, range or name, found {}", crate::input::type_name(other)));
+                return Err(FieldError::new(
+                    at,
+                    format!("expected a port, range or name, found {}", crate::input::type_name(other)),
+                ));
             }
         };
         let num = |s: &str| {
@@ -269,13 +285,13 @@ fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> R
                 .parse::<u16>()
                 .ok()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{at}: `{s}` is not a port (1-65535)"))
+                .ok_or_else(|| FieldError::new(&at, format!("`{s}` is not a port (1-65535)")))
         };
         let port = match text.split_once(':') {
             Some((lo, hi)) => {
                 let (lo, hi) = (num(lo)?, num(hi)?);
                 if hi < lo {
-                    return Err(format!("{at}: range `{text}` ends before it starts"));
+                    return Err(FieldError::new(&at, format!("range `{text}` ends before it starts")));
                 }
                 PortSpec::Range(lo, hi)
             }
@@ -283,7 +299,7 @@ fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> R
                 let n = num(&text)?;
                 PortSpec::Range(n, n)
             }
-            None => PortSpec::Named(super::netpol::valid_port_name(&text).map_err(|e| format!("{at}: {e}"))?),
+            None => PortSpec::Named(super::netpol::valid_port_name(&text).map_err(|e| e.within(&at))?),
         };
         out.push(PortSel { protocol, port });
     }

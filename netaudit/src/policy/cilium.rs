@@ -18,12 +18,17 @@ use serde_json::Value;
 
 use super::{
     Action, Engine, LabelSelector, NETWORK_POLICY_ORDER, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule,
-    Selector, Subject, Tier, field_error,
+    Selector, Subject, Tier,
     lint::{Finding, Severity},
     parse_cidr_or_ip,
     selector::{Op, Requirement},
 };
-use crate::{input::Document, inventory::NAMESPACE_NAME_LABEL, model::Protocol};
+use crate::{
+    error::{FieldError, InputError},
+    input::Document,
+    inventory::NAMESPACE_NAME_LABEL,
+    model::Protocol,
+};
 
 /// The label Cilium gives every endpoint with its namespace.
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
@@ -108,7 +113,7 @@ struct PortProtocol {
     protocol: Option<String>,
 }
 
-pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
+pub fn parse(doc: &Document) -> Result<Vec<Policy>, InputError> {
     let obj: Object = doc.parse()?;
     let clusterwide = doc.kind() == "CiliumClusterwideNetworkPolicy";
     let namespace =
@@ -117,12 +122,12 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
     let specs: Vec<(String, CiliumRule)> = match (obj.spec, obj.specs) {
         (Some(s), None) => vec![("spec".into(), s)],
         (None, Some(v)) => v.into_iter().enumerate().map(|(i, s)| (format!("specs[{i}]"), s)).collect(),
-        (None, None) => return Err(field_error(doc, "needs `spec` or `specs`")),
-        (Some(_), Some(_)) => return Err(field_error(doc, "has both `spec` and `specs`; use one")),
+        (None, None) => return Err(doc.error(FieldError::whole("needs `spec` or `specs`"))),
+        (Some(_), Some(_)) => return Err(doc.error(FieldError::whole("has both `spec` and `specs`; use one"))),
     };
     let mut out = Vec::new();
     for (at, rule) in specs {
-        let err = |m: String| field_error(doc, m);
+        let err = |e: FieldError| doc.error(e);
         let id = std::sync::Arc::new(PolicyId {
             engine: Engine::Cilium,
             kind: doc.kind().to_string(),
@@ -135,13 +140,13 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
                 tracing::warn!("{}: {id} {at}: nodeSelector (host firewall) policies are not evaluated", doc.origin);
                 continue;
             }
-            return Err(err(format!("{at}: needs endpointSelector or nodeSelector")));
+            return Err(err(FieldError::new(at, "needs endpointSelector or nodeSelector")));
         };
         let (ns, pods) =
             endpoint_selector(sel, namespace.as_deref(), &format!("{at}.endpointSelector")).map_err(err)?;
         let subject = Subject { ns, pods };
         let dd = rule.enable_default_deny.unwrap_or_default();
-        let rules = |list: &Option<Vec<PeerRule>>, dir: &str, action| -> anyhow::Result<Vec<Rule>> {
+        let rules = |list: &Option<Vec<PeerRule>>, dir: &str, action| -> Result<Vec<Rule>, InputError> {
             let mut out = Vec::new();
             for (i, r) in list.iter().flatten().enumerate() {
                 let prefix = if dir.starts_with("egress") { "to" } else { "from" };
@@ -213,7 +218,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Vec<Policy>> {
 }
 
 /// `dir`: `to` on egress, `from` on ingress (for field names in messages).
-fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action: Action) -> Result<Rule, String> {
+fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action: Action) -> Result<Rule, FieldError> {
     for key in r.other.keys() {
         tracing::warn!("{at}.{key} is not evaluated by netaudit; the rule's other selectors still apply");
     }
@@ -242,7 +247,7 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
                 tracing::warn!("{at}.cidrGroupRef is not evaluated by netaudit (CiliumCIDRGroup objects are not read)");
                 continue;
             }
-            return Err(format!("{at}: needs cidr"));
+            return Err(FieldError::new(at, "needs cidr"));
         };
         let net = parse_cidr_or_ip(cidr, &format!("{at}.cidr"))?;
         let except = c
@@ -254,7 +259,7 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
         peers.push(PeerSel::Ip { net, except, world_only: true });
     }
     for (i, e) in r.entities.iter().flatten().enumerate() {
-        peers.push(PeerSel::Entity(e.parse().map_err(|m| format!("{at}.{dir}Entities[{i}]: {m}"))?));
+        peers.push(PeerSel::Entity(e.parse().map_err(|m: FieldError| m.within(&format!("{at}.{dir}Entities[{i}]")))?));
     }
     for (i, s) in r.nodes.iter().flatten().enumerate() {
         peers.push(PeerSel::Nodes(Selector::Label(LabelSelector::from_k8s(s, &format!("{at}.{dir}Nodes[{i}]"))?)));
@@ -264,7 +269,12 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
         match (&f.match_name, &f.match_pattern) {
             (Some(n), None) => fqdns.push(n.replace('*', "")),
             (None, Some(p)) => fqdns.push(p.clone()),
-            _ => return Err(format!("{at}.toFQDNs[{i}]: needs exactly one of matchName, matchPattern")),
+            _ => {
+                return Err(FieldError::new(
+                    format!("{at}.toFQDNs[{i}]"),
+                    "needs exactly one of matchName, matchPattern",
+                ));
+            }
         }
     }
     if !fqdns.is_empty() {
@@ -301,36 +311,41 @@ fn peer_rule(r: &PeerRule, namespace: Option<&str>, at: &str, dir: &str, action:
     Ok(Rule { label: at.to_string(), action, peer, ports, not_ports: Vec::new(), local: None })
 }
 
-fn port(p: &PortProtocol, at: &str) -> Result<PortSel, String> {
+fn port(p: &PortProtocol, at: &str) -> Result<PortSel, FieldError> {
     let protocol = match p.protocol.as_deref().unwrap_or("ANY") {
         "ANY" => None,
         "TCP" => Some(Protocol::Tcp),
         "UDP" => Some(Protocol::Udp),
         "SCTP" => Some(Protocol::Sctp),
-        other => return Err(format!("{at}.protocol: `{other}` is not TCP, UDP, SCTP or ANY")),
+        other => {
+            return Err(FieldError::new(format!("{at}.protocol"), format!("`{other}` is not TCP, UDP, SCTP or ANY")));
+        }
     };
     let text = match &p.port {
         None => return Ok(PortSel { protocol, port: PortSpec::Any }),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         Some(other) => {
-            return Err(format!("{at}.port: expected a port number or name, found {}", crate::input::type_name(other)));
+            return Err(FieldError::new(
+                format!("{at}.port"),
+                format!("expected a port number or name, found {}", crate::input::type_name(other)),
+            ));
         }
     };
     let port = match text.parse::<i64>() {
         Ok(0) => PortSpec::Any,
         Ok(n) => {
-            let lo = u16::try_from(n).map_err(|_| format!("{at}.port: {n} is not a port (1-65535)"))?;
+            let lo = u16::try_from(n)
+                .map_err(|_| FieldError::new(format!("{at}.port"), format!("{n} is not a port (1-65535)")))?;
             let hi = match p.end_port {
                 None | Some(0) => lo,
-                Some(e) => u16::try_from(e)
-                    .ok()
-                    .filter(|e| *e >= lo)
-                    .ok_or_else(|| format!("{at}.endPort: {e} must be a port not below {lo}"))?,
+                Some(e) => u16::try_from(e).ok().filter(|e| *e >= lo).ok_or_else(|| {
+                    FieldError::new(format!("{at}.endPort"), format!("{e} must be a port not below {lo}"))
+                })?,
             };
             PortSpec::Range(lo, hi)
         }
-        Err(_) => PortSpec::Named(super::netpol::valid_port_name(&text).map_err(|e| format!("{at}.port: {e}"))?),
+        Err(_) => PortSpec::Named(super::netpol::valid_port_name(&text).map_err(|e| e.within(&format!("{at}.port")))?),
     };
     Ok(PortSel { protocol, port })
 }
@@ -341,15 +356,19 @@ fn plain_key(key: &str) -> &str {
 }
 
 /// A selector naming a reserved identity (`reserved:host`) is an entity peer.
-fn reserved_entity(sel: &K8sLabelSelector, at: &str) -> Result<Option<super::Entity>, String> {
+fn reserved_entity(sel: &K8sLabelSelector, at: &str) -> Result<Option<super::Entity>, FieldError> {
     let ls = LabelSelector::from_k8s(sel, at)?;
     let Some(r) = ls.reqs.iter().find(|r| r.key.starts_with("reserved:")) else { return Ok(None) };
     let name = &r.key["reserved:".len()..];
-    name.parse().map(Some).map_err(|e| format!("{at}: reserved label: {e}"))
+    name.parse().map(Some).map_err(|e| FieldError::new(at, format!("reserved label: {e}")))
 }
 
 /// Splits a Cilium endpoint selector into the namespaces it looks in and the pod labels it needs.
-fn endpoint_selector(sel: &K8sLabelSelector, policy_ns: Option<&str>, at: &str) -> Result<(NsSel, Selector), String> {
+fn endpoint_selector(
+    sel: &K8sLabelSelector,
+    policy_ns: Option<&str>,
+    at: &str,
+) -> Result<(NsSel, Selector), FieldError> {
     let ls = LabelSelector::from_k8s(sel, at)?;
     let mut ns_reqs = Vec::new();
     let mut pod_reqs = Vec::new();

@@ -13,9 +13,13 @@ use serde::Deserialize;
 
 use super::{
     Action, Engine, LabelSelector, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Selector, Subject, Tier,
-    field_error, parse_cidr,
+    parse_cidr,
 };
-use crate::{input::Document, model::Protocol};
+use crate::{
+    error::{FieldError, InputError},
+    input::Document,
+    model::Protocol,
+};
 
 /// The highest priority the API accepts.
 pub const MAX_PRIORITY: i32 = 1000;
@@ -100,14 +104,14 @@ struct RangeJson {
     end: i32,
 }
 
-pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
+pub fn parse(doc: &Document) -> Result<Policy, InputError> {
     let obj: Object = doc.parse()?;
-    let err = |m: String| field_error(doc, m);
+    let err = |e: FieldError| doc.error(e);
     let spec = obj.spec;
     let tier = match spec.tier.as_str() {
         "Admin" => Tier::Admin(spec.priority),
         "Baseline" => Tier::Baseline(spec.priority),
-        other => return Err(err(format!("spec.tier: `{other}` is not Admin or Baseline"))),
+        other => return Err(err(FieldError::new("spec.tier", format!("`{other}` is not Admin or Baseline")))),
     };
     let subject = match (&spec.subject.namespaces, &spec.subject.pods) {
         (Some(ns), None) => {
@@ -117,9 +121,9 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
             ns: ns_sel(&p.namespace_selector, "spec.subject.pods.namespaceSelector").map_err(err)?,
             pods: label(&p.pod_selector, "spec.subject.pods.podSelector").map_err(err)?,
         },
-        _ => return Err(err("spec.subject: needs exactly one of namespaces, pods".into())),
+        _ => return Err(err(FieldError::new("spec.subject", "needs exactly one of namespaces, pods"))),
     };
-    let rules = |list: &[RuleSpec], dir: &str| -> anyhow::Result<Option<Vec<Rule>>> {
+    let rules = |list: &[RuleSpec], dir: &str| -> Result<Option<Vec<Rule>>, InputError> {
         let mut out = Vec::new();
         for (i, r) in list.iter().enumerate() {
             out.push(rule(r, &format!("spec.{dir}[{i}]"), dir == "egress").map_err(err)?);
@@ -143,25 +147,25 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
     })
 }
 
-fn label(s: &K8sLabelSelector, at: &str) -> Result<Selector, String> {
+fn label(s: &K8sLabelSelector, at: &str) -> Result<Selector, FieldError> {
     Ok(Selector::Label(LabelSelector::from_k8s(s, at)?))
 }
 
-fn ns_sel(s: &K8sLabelSelector, at: &str) -> Result<NsSel, String> {
+fn ns_sel(s: &K8sLabelSelector, at: &str) -> Result<NsSel, FieldError> {
     let sel = label(s, at)?;
     Ok(if sel.is_everything() { NsSel::Any } else { NsSel::Matching(sel) })
 }
 
-fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
+fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, FieldError> {
     let action = match r.action.as_str() {
         "Accept" => Action::Allow,
         "Deny" => Action::Deny,
         "Pass" => Action::Pass,
-        other => return Err(format!("{at}.action: `{other}` is not Accept, Deny or Pass")),
+        other => return Err(FieldError::new(format!("{at}.action"), format!("`{other}` is not Accept, Deny or Pass"))),
     };
     let peers_at = format!("{at}.{}", if egress { "to" } else { "from" });
     if r.to.is_empty() {
-        return Err(format!("{peers_at}: needs at least one peer"));
+        return Err(FieldError::new(peers_at, "needs at least one peer"));
     }
     let mut peers = Vec::new();
     for (i, p) in r.to.iter().enumerate() {
@@ -177,10 +181,13 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
         .filter(|b| **b)
         .count();
         if set > 1 {
-            return Err(format!("{at}: a peer sets exactly one of namespaces, pods, nodes, networks, domainNames"));
+            return Err(FieldError::new(
+                at,
+                "a peer sets exactly one of namespaces, pods, nodes, networks, domainNames",
+            ));
         }
         if !egress && (p.nodes.is_some() || p.networks.is_some() || p.domain_names.is_some()) {
-            return Err(format!("{at}: ingress peers are namespaces or pods only"));
+            return Err(FieldError::new(at, "ingress peers are namespaces or pods only"));
         }
         peers.push(if let Some(ns) = &p.namespaces {
             PeerSel::Pods { ns: ns_sel(ns, &format!("{at}.namespaces"))?, pods: Selector::everything() }
@@ -203,7 +210,7 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
             PeerSel::AnyOf(any)
         } else if let Some(names) = &p.domain_names {
             if action != Action::Allow {
-                return Err(format!("{at}.domainNames: only Accept rules may use domainNames"));
+                return Err(FieldError::new(format!("{at}.domainNames"), "only Accept rules may use domainNames"));
             }
             // `*.example.com` matches one or more labels.
             PeerSel::Fqdn(
@@ -221,7 +228,7 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
         let entries = [(Protocol::Tcp, &p.tcp), (Protocol::Udp, &p.udp), (Protocol::Sctp, &p.sctp)];
         let set = entries.iter().filter(|(_, v)| v.is_some()).count() + usize::from(p.destination_named_port.is_some());
         if set != 1 {
-            return Err(format!("{at}: sets exactly one of tcp, udp, sctp, destinationNamedPort"));
+            return Err(FieldError::new(at, "sets exactly one of tcp, udp, sctp, destinationNamedPort"));
         }
         if let Some(name) = &p.destination_named_port {
             ports.push(PortSel { protocol: None, port: PortSpec::Named(name.clone()) });
@@ -232,8 +239,9 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
             let port = match &v.destination_port {
                 None => PortSpec::Any,
                 Some(PortSpecJson { number: Some(n), range: None }) => {
-                    let n = super::netpol::port_number(*n)
-                        .ok_or_else(|| format!("{at}.destinationPort.number: {n} is not a port (1-65535)"))?;
+                    let n = super::netpol::port_number(*n).ok_or_else(|| {
+                        FieldError::new(format!("{at}.destinationPort.number"), format!("{n} is not a port (1-65535)"))
+                    })?;
                     PortSpec::Range(n, n)
                 }
                 Some(PortSpecJson { number: None, range: Some(r) }) => {
@@ -242,14 +250,14 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, String> {
                     match (lo, hi) {
                         (Some(lo), Some(hi)) if lo < hi => PortSpec::Range(lo, hi),
                         _ => {
-                            return Err(format!(
-                                "{at}.destinationPort.range: {}-{} must be ports with start < end",
-                                r.start, r.end
+                            return Err(FieldError::new(
+                                format!("{at}.destinationPort.range"),
+                                format!("{}-{} must be ports with start < end", r.start, r.end),
                             ));
                         }
                     }
                 }
-                _ => return Err(format!("{at}.destinationPort: sets exactly one of number, range")),
+                _ => return Err(FieldError::new(format!("{at}.destinationPort"), "sets exactly one of number, range")),
             };
             ports.push(PortSel { protocol: Some(proto), port });
         }

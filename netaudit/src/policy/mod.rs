@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 pub use self::selector::{LabelSelector, Selector};
 use crate::{
-    input::{Document, bad},
+    error::{FieldError, InputError},
+    input::Document,
     model::Protocol,
 };
 
@@ -80,11 +81,11 @@ impl fmt::Display for Engine {
 }
 
 impl FromStr for Engine {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Engine, String> {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Engine, FieldError> {
         Engine::ALL.into_iter().find(|e| e.name() == s).ok_or_else(|| {
             let names: Vec<_> = Engine::ALL.iter().map(|e| e.name()).collect();
-            format!("`{s}` is not an engine; use one of {}", names.join(", "))
+            FieldError::whole(format!("`{s}` is not an engine; use one of {}", names.join(", ")))
         })
     }
 }
@@ -164,8 +165,8 @@ pub enum Entity {
 }
 
 impl FromStr for Entity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Entity, String> {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Entity, FieldError> {
         Ok(match s {
             "all" => Entity::All,
             "world" => Entity::World,
@@ -177,10 +178,10 @@ impl FromStr for Entity {
             "kube-apiserver" => Entity::KubeApiserver,
             "health" | "init" | "unmanaged" | "ingress" => Entity::Other,
             other => {
-                return Err(format!(
+                return Err(FieldError::whole(format!(
                     "`{other}` is not a Cilium entity (all, world, world-ipv4, world-ipv6, cluster, host, remote-node, \
                      kube-apiserver, health, init, unmanaged, ingress)"
-                ));
+                )));
             }
         })
     }
@@ -267,7 +268,7 @@ pub struct Policy {
 }
 
 /// Reads the policy objects among `docs`; returns them and the documents that are not policies.
-pub fn from_documents(docs: Vec<Document>) -> anyhow::Result<(Vec<Policy>, Vec<Document>)> {
+pub fn from_documents(docs: Vec<Document>) -> Result<(Vec<Policy>, Vec<Document>), InputError> {
     let mut out = Vec::new();
     let mut rest = Vec::new();
     for doc in docs {
@@ -282,13 +283,14 @@ pub fn from_documents(docs: Vec<Document>) -> anyhow::Result<(Vec<Policy>, Vec<D
             (_, "networking.k8s.io" | "cilium.io" | "projectcalico.org" | "policy.networking.k8s.io", _)
                 if doc.kind().contains("Policy") =>
             {
-                return Err(bad(format!(
-                    "{}: {} ({}) is a policy netaudit cannot evaluate; supported: networking.k8s.io/v1 NetworkPolicy, \
-                     cilium.io/v2 CiliumNetworkPolicy, projectcalico.org/v3 NetworkPolicy, \
-                     policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy",
-                    doc.origin,
-                    doc.describe(),
-                    doc.api_version()
+                return Err(doc.error(FieldError::new(
+                    "apiVersion",
+                    format!(
+                        "{} is a policy netaudit cannot evaluate; supported: networking.k8s.io/v1 NetworkPolicy, \
+                         cilium.io/v2 CiliumNetworkPolicy, projectcalico.org/v3 NetworkPolicy, \
+                         policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy",
+                        doc.api_version()
+                    ),
                 )));
             }
             _ => rest.push(doc),
@@ -297,24 +299,20 @@ pub fn from_documents(docs: Vec<Document>) -> anyhow::Result<(Vec<Policy>, Vec<D
     Ok((out, rest))
 }
 
-/// The error every dialect parser returns: file, object, field.
-pub(crate) fn field_error(doc: &Document, msg: impl fmt::Display) -> anyhow::Error {
-    bad(format!("{} ({}): {msg}", doc.origin, doc.describe()))
-}
-
 /// Parses a CIDR as the API does: a network address with a prefix (a bare address is a host
 /// route only where the API says so, e.g. Cilium; callers decide).
 /// A CIDR, or a bare address meaning a host route (Cilium and Calico accept both).
-pub(crate) fn parse_cidr_or_ip(s: &str, at: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr_or_ip(s: &str, at: &str) -> Result<IpNet, FieldError> {
     match s.parse::<std::net::IpAddr>() {
         Ok(ip) => Ok(IpNet::from(ip)),
         Err(_) => parse_cidr(s, at),
     }
 }
 
-pub(crate) fn parse_cidr(s: &str, at: &str) -> Result<IpNet, String> {
-    let net: IpNet =
-        s.parse().map_err(|_| format!("{at}: `{s}` is not a CIDR (e.g. 192.0.2.0/24 or 2001:db8::/64)"))?;
+pub(crate) fn parse_cidr(s: &str, at: &str) -> Result<IpNet, FieldError> {
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| FieldError::new(at, format!("`{s}` is not a CIDR (e.g. 192.0.2.0/24 or 2001:db8::/64)")))?;
     if net.trunc() != net {
         // The API server accepts host bits but they are meaningless; say what it means.
         tracing::info!("{at}: `{s}` has host bits set; it means {}", net.trunc());
@@ -331,6 +329,12 @@ mod tests {
         for e in Engine::ALL {
             assert_eq!(e.name().parse::<Engine>().unwrap(), e);
         }
-        assert!("istio".parse::<Engine>().unwrap_err().contains("kubernetes, cilium, calico, clusterNetworkPolicy"));
+        assert!(
+            "istio"
+                .parse::<Engine>()
+                .unwrap_err()
+                .to_string()
+                .contains("kubernetes, cilium, calico, clusterNetworkPolicy")
+        );
     }
 }

@@ -11,16 +11,20 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     Action, Engine, LabelSelector, NETWORK_POLICY_ORDER, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule,
-    Selector, Subject, Tier, field_error, parse_cidr,
+    Selector, Subject, Tier, parse_cidr,
 };
-use crate::{input::Document, inventory::parse_protocol};
+use crate::{
+    error::{FieldError, InputError},
+    input::Document,
+    inventory::parse_protocol,
+};
 
-pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
+pub fn parse(doc: &Document) -> Result<Policy, InputError> {
     let np: NetworkPolicy = doc.parse()?;
     let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = np.metadata.name.clone().unwrap_or_default();
     let spec = np.spec.unwrap_or_default();
-    let err = |m: String| field_error(doc, m);
+    let err = |e: FieldError| doc.error(e);
     let pods = selector(spec.pod_selector.as_ref(), "spec.podSelector").map_err(err)?;
     let (mut ingress_type, mut egress_type) = (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
     if let Some(types) = &spec.policy_types {
@@ -29,7 +33,12 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
             match t.as_str() {
                 "Ingress" => ingress_type = true,
                 "Egress" => egress_type = true,
-                other => return Err(err(format!("spec.policyTypes[{i}]: `{other}` is not Ingress or Egress"))),
+                other => {
+                    return Err(err(FieldError::new(
+                        format!("spec.policyTypes[{i}]"),
+                        format!("`{other}` is not Ingress or Egress"),
+                    )));
+                }
             }
         }
     }
@@ -37,7 +46,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         |dir: &str, i: usize, peer_list: Option<&[NetworkPolicyPeer]>, port_list: Option<&[NetworkPolicyPort]>| {
             let at = format!("spec.{dir}[{i}]");
             let peer_field = if dir == "ingress" { "from" } else { "to" };
-            Ok::<_, anyhow::Error>(Rule {
+            Ok::<_, InputError>(Rule {
                 label: at.clone(),
                 action: Action::Allow,
                 peer: peers(peer_list, &namespace, &format!("{at}.{peer_field}")).map_err(err)?,
@@ -48,10 +57,10 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
         };
     let ingress = (spec.ingress.iter().flatten().enumerate())
         .map(|(i, r)| rule("ingress", i, r.from.as_deref(), r.ports.as_deref()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, InputError>>()?;
     let egress = (spec.egress.iter().flatten().enumerate())
         .map(|(i, r)| rule("egress", i, r.to.as_deref(), r.ports.as_deref()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, InputError>>()?;
     Ok(Policy {
         id: std::sync::Arc::new(PolicyId {
             engine: Engine::Kubernetes,
@@ -72,7 +81,7 @@ pub fn parse(doc: &Document) -> anyhow::Result<Policy> {
 fn selector(
     sel: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
     at: &str,
-) -> Result<Selector, String> {
+) -> Result<Selector, FieldError> {
     Ok(Selector::Label(match sel {
         Some(s) => LabelSelector::from_k8s(s, at)?,
         None => LabelSelector::default(),
@@ -80,7 +89,7 @@ fn selector(
 }
 
 /// `from`/`to`: absent or empty matches every peer.
-fn peers(list: Option<&[NetworkPolicyPeer]>, namespace: &str, at: &str) -> Result<PeerSel, String> {
+fn peers(list: Option<&[NetworkPolicyPeer]>, namespace: &str, at: &str) -> Result<PeerSel, FieldError> {
     let Some(list) = list.filter(|l| !l.is_empty()) else { return Ok(PeerSel::Any) };
     let mut out = Vec::new();
     for (i, p) in list.iter().enumerate() {
@@ -93,17 +102,20 @@ fn peers(list: Option<&[NetworkPolicyPeer]>, namespace: &str, at: &str) -> Resul
                     let e_at = format!("{at}.ipBlock.except[{j}]");
                     let x = parse_cidr(e, &e_at)?;
                     if !net.contains(&x) {
-                        return Err(format!("{e_at}: `{e}` is not inside the block's cidr {net}"));
+                        return Err(FieldError::new(&e_at, format!("`{e}` is not inside the block's cidr {net}")));
                     }
                     except.push(x);
                 }
                 PeerSel::Ip { net, except, world_only: false }
             }
             (Some(_), _, _) => {
-                return Err(format!("{at}: ipBlock cannot be combined with namespaceSelector or podSelector"));
+                return Err(FieldError::new(at, "ipBlock cannot be combined with namespaceSelector or podSelector"));
             }
             (None, None, None) => {
-                return Err(format!("{at}: a peer needs at least one of podSelector, namespaceSelector, ipBlock"));
+                return Err(FieldError::new(
+                    at,
+                    "a peer needs at least one of podSelector, namespaceSelector, ipBlock",
+                ));
             }
             (None, ns_sel, pod_sel) => {
                 let ns = match ns_sel {
@@ -120,34 +132,39 @@ fn peers(list: Option<&[NetworkPolicyPeer]>, namespace: &str, at: &str) -> Resul
     Ok(if out.len() == 1 { out.pop().unwrap() } else { PeerSel::AnyOf(out) })
 }
 
-fn ports(list: Option<&[NetworkPolicyPort]>, at: &str) -> Result<Vec<PortSel>, String> {
+fn ports(list: Option<&[NetworkPolicyPort]>, at: &str) -> Result<Vec<PortSel>, FieldError> {
     let mut out = Vec::new();
     for (i, p) in list.iter().copied().flatten().enumerate() {
         let at = format!("{at}[{i}]");
-        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| format!("{at}.protocol: {e}"))?;
+        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| e.within(&format!("{at}.protocol")))?;
         let port = match (&p.port, p.end_port) {
             (None, None) => PortSpec::Any,
-            (None, Some(_)) => return Err(format!("{at}.endPort: needs a numeric `port`")),
+            (None, Some(_)) => return Err(FieldError::new(format!("{at}.endPort"), "needs a numeric `port`")),
             (Some(IntOrString::Int(n)), end) => {
-                let lo = port_number(*n).ok_or_else(|| format!("{at}.port: {n} is not a port (1-65535)"))?;
+                let lo = port_number(*n)
+                    .ok_or_else(|| FieldError::new(format!("{at}.port"), format!("{n} is not a port (1-65535)")))?;
                 let hi = match end {
                     None => lo,
-                    Some(e) => port_number(e)
-                        .filter(|e| *e >= lo)
-                        .ok_or_else(|| format!("{at}.endPort: {e} must be a port (1-65535) not below port {lo}"))?,
+                    Some(e) => port_number(e).filter(|e| *e >= lo).ok_or_else(|| {
+                        FieldError::new(
+                            format!("{at}.endPort"),
+                            format!("{e} must be a port (1-65535) not below port {lo}"),
+                        )
+                    })?,
                 };
                 PortSpec::Range(lo, hi)
             }
             (Some(IntOrString::String(s)), None) => match s.parse::<i32>() {
                 // The API would have stored a number; a quoted number in YAML still means one.
                 Ok(n) => PortSpec::Range(
-                    port_number(n).ok_or_else(|| format!("{at}.port: {n} is not a port (1-65535)"))?,
+                    port_number(n)
+                        .ok_or_else(|| FieldError::new(format!("{at}.port"), format!("{n} is not a port (1-65535)")))?,
                     port_number(n).unwrap(),
                 ),
-                Err(_) => PortSpec::Named(valid_port_name(s).map_err(|e| format!("{at}.port: {e}"))?),
+                Err(_) => PortSpec::Named(valid_port_name(s).map_err(|e| e.within(&format!("{at}.port")))?),
             },
             (Some(IntOrString::String(_)), Some(_)) => {
-                return Err(format!("{at}.endPort: cannot be used with a named port"));
+                return Err(FieldError::new(format!("{at}.endPort"), "cannot be used with a named port"));
             }
         };
         out.push(PortSel { protocol: Some(protocol), port });
@@ -161,12 +178,16 @@ pub(crate) fn port_number(n: i32) -> Option<u16> {
 
 /// An IANA_SVC_NAME, as container port names must be: ≤ 15 chars, lowercase alphanumerics and
 /// '-', at least one letter.
-pub(crate) fn valid_port_name(s: &str) -> Result<String, String> {
+pub(crate) fn valid_port_name(s: &str) -> Result<String, FieldError> {
     let ok = !s.is_empty()
         && s.len() <= 15
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-');
-    if ok { Ok(s.to_string()) } else { Err(format!("`{s}` is neither a port number nor a valid port name")) }
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(FieldError::whole(format!("`{s}` is neither a port number nor a valid port name")))
+    }
 }

@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as K8sLabelSelector;
 
-use crate::inventory::Labels;
+use crate::{error::FieldError, inventory::Labels};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Selector {
@@ -65,7 +65,7 @@ pub struct LabelSelector {
 impl LabelSelector {
     /// Converts the API type, validating operators and values as the API server does. `at` is the
     /// field path for messages.
-    pub fn from_k8s(sel: &K8sLabelSelector, at: &str) -> Result<LabelSelector, String> {
+    pub fn from_k8s(sel: &K8sLabelSelector, at: &str) -> Result<LabelSelector, FieldError> {
         let mut reqs = Vec::new();
         for (k, v) in sel.match_labels.iter().flatten() {
             reqs.push(Requirement { key: k.clone(), op: Op::In, values: vec![v.clone()] });
@@ -77,21 +77,25 @@ impl LabelSelector {
                 "Exists" => Op::Exists,
                 "DoesNotExist" => Op::DoesNotExist,
                 other => {
-                    return Err(format!(
-                        "{at}.matchExpressions[{i}].operator: `{other}` is not one of In, NotIn, Exists, DoesNotExist"
+                    return Err(FieldError::new(
+                        format!("{at}.matchExpressions[{i}].operator"),
+                        format!("`{other}` is not one of In, NotIn, Exists, DoesNotExist"),
                     ));
                 }
             };
             let values = e.values.clone().unwrap_or_default();
             match op {
                 Op::In | Op::NotIn if values.is_empty() => {
-                    return Err(format!(
-                        "{at}.matchExpressions[{i}].values: `{}` needs at least one value",
-                        e.operator
+                    return Err(FieldError::new(
+                        format!("{at}.matchExpressions[{i}].values"),
+                        format!("`{}` needs at least one value", e.operator),
                     ));
                 }
                 Op::Exists | Op::DoesNotExist if !values.is_empty() => {
-                    return Err(format!("{at}.matchExpressions[{i}].values: `{}` takes no values", e.operator));
+                    return Err(FieldError::new(
+                        format!("{at}.matchExpressions[{i}].values"),
+                        format!("`{}` takes no values", e.operator),
+                    ));
                 }
                 _ => {}
             }
@@ -167,7 +171,7 @@ pub enum CalicoExpr {
 }
 
 impl CalicoExpr {
-    pub fn parse(s: &str) -> Result<CalicoExpr, String> {
+    pub fn parse(s: &str) -> Result<CalicoExpr, FieldError> {
         if s.trim().is_empty() {
             return Ok(CalicoExpr::All);
         }
@@ -175,7 +179,7 @@ impl CalicoExpr {
         let e = p.or()?;
         p.ws();
         if p.i != p.s.len() {
-            return Err(format!("selector `{s}`: unexpected `{}` at offset {}", &s[p.i..], p.i));
+            return Err(FieldError::whole(format!("selector `{s}`: unexpected `{}` at offset {}", &s[p.i..], p.i)));
         }
         Ok(e)
     }
@@ -245,12 +249,12 @@ impl CalicoParser<'_> {
         }
     }
 
-    fn err<T>(&self, what: &str) -> Result<T, String> {
+    fn err<T>(&self, what: &str) -> Result<T, FieldError> {
         let s = String::from_utf8_lossy(self.s);
-        Err(format!("selector `{s}`: expected {what} at offset {}", self.i))
+        Err(FieldError::whole(format!("selector `{s}`: expected {what} at offset {}", self.i)))
     }
 
-    fn or(&mut self) -> Result<CalicoExpr, String> {
+    fn or(&mut self) -> Result<CalicoExpr, FieldError> {
         let mut e = self.and()?;
         while self.eat("||") {
             e = CalicoExpr::Or(Box::new(e), Box::new(self.and()?));
@@ -258,7 +262,7 @@ impl CalicoParser<'_> {
         Ok(e)
     }
 
-    fn and(&mut self) -> Result<CalicoExpr, String> {
+    fn and(&mut self) -> Result<CalicoExpr, FieldError> {
         let mut e = self.unary()?;
         while self.eat("&&") {
             e = CalicoExpr::And(Box::new(e), Box::new(self.unary()?));
@@ -266,7 +270,7 @@ impl CalicoParser<'_> {
         Ok(e)
     }
 
-    fn unary(&mut self) -> Result<CalicoExpr, String> {
+    fn unary(&mut self) -> Result<CalicoExpr, FieldError> {
         if self.eat("!") {
             return Ok(CalicoExpr::Not(Box::new(self.unary()?)));
         }
@@ -315,7 +319,7 @@ impl CalicoParser<'_> {
         self.err("an operator (==, !=, in, not in, starts with, ends with, contains)")
     }
 
-    fn key(&mut self) -> Result<String, String> {
+    fn key(&mut self) -> Result<String, FieldError> {
         self.ws();
         let start = self.i;
         while self.i < self.s.len() && (self.s[self.i].is_ascii_alphanumeric() || b"._/-".contains(&self.s[self.i])) {
@@ -327,7 +331,7 @@ impl CalicoParser<'_> {
         Ok(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, FieldError> {
         self.ws();
         let Some(&q) = self.s.get(self.i).filter(|c| **c == b'\'' || **c == b'"') else {
             return self.err("a quoted value");
@@ -340,7 +344,7 @@ impl CalicoParser<'_> {
         Ok(String::from_utf8_lossy(&self.s[start..start + len]).into_owned())
     }
 
-    fn set(&mut self) -> Result<Vec<String>, String> {
+    fn set(&mut self) -> Result<Vec<String>, FieldError> {
         if !self.eat("{") {
             return self.err("`{`");
         }
@@ -390,7 +394,7 @@ mod tests {
         let bad: K8sLabelSelector =
             serde_json::from_value(serde_json::json!({"matchExpressions": [{"key": "a", "operator": "Equals"}]}))
                 .unwrap();
-        let e = LabelSelector::from_k8s(&bad, "spec.podSelector").unwrap_err();
+        let e = LabelSelector::from_k8s(&bad, "spec.podSelector").unwrap_err().to_string();
         assert!(e.contains("spec.podSelector.matchExpressions[0].operator") && e.contains("Equals"), "{e}");
     }
 
@@ -414,8 +418,8 @@ mod tests {
         ] {
             assert_eq!(CalicoExpr::parse(expr).unwrap().matches(&l), want, "{expr}");
         }
-        assert!(CalicoExpr::parse("app = 'x'").unwrap_err().contains("operator"));
-        assert!(CalicoExpr::parse("app == 'x").unwrap_err().contains("closing quote"));
-        assert!(CalicoExpr::parse("(app == 'x'").unwrap_err().contains("`)`"));
+        assert!(CalicoExpr::parse("app = 'x'").unwrap_err().to_string().contains("operator"));
+        assert!(CalicoExpr::parse("app == 'x").unwrap_err().to_string().contains("closing quote"));
+        assert!(CalicoExpr::parse("(app == 'x'").unwrap_err().to_string().contains("`)`"));
     }
 }

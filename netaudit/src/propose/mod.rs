@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::{
     chart::{INGRESS_PORTS, Release, Values},
     check::{Check, FlowVerdict},
+    error::{FieldError, InputError},
     inventory::{Inventory, Labels, Owner, PodInfo},
     matrix::Matrix,
     model::{DNS_PORT, Flow, FlowFile, Protocol},
@@ -54,22 +55,33 @@ pub struct Aggregate {
 }
 
 impl FromStr for Aggregate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Aggregate, String> {
+    type Err = FieldError;
+    fn from_str(s: &str) -> Result<Aggregate, FieldError> {
         let mut a = Aggregate { prefix_v4: 32, prefix_v6: 128, min_addresses: 2 };
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("`{part}`: expected key=value (prefix=24, prefix6=64, min=2)"))?;
-            let n: u32 = v.trim_start_matches('/').parse().map_err(|_| format!("`{part}`: `{v}` is not a number"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                FieldError::whole(format!("`{part}`: expected key=value (prefix=24, prefix6=64, min=2)"))
+            })?;
+            let n: u32 = v
+                .trim_start_matches('/')
+                .parse()
+                .map_err(|_| FieldError::whole(format!("`{part}`: `{v}` is not a number")))?;
             match k {
                 "prefix" if (8..=32).contains(&n) => a.prefix_v4 = n as u8,
                 "prefix6" if (16..=128).contains(&n) => a.prefix_v6 = n as u8,
                 "min" if n >= 1 => a.min_addresses = n as usize,
-                "prefix" => return Err(format!("`{part}`: an IPv4 prefix must be /8 to /32 (never /0)")),
-                "prefix6" => return Err(format!("`{part}`: an IPv6 prefix must be /16 to /128 (never /0)")),
-                "min" => return Err(format!("`{part}`: min must be at least 1")),
-                other => return Err(format!("`{other}` is not an aggregation setting (prefix, prefix6, min)")),
+                "prefix" => {
+                    return Err(FieldError::whole(format!("`{part}`: an IPv4 prefix must be /8 to /32 (never /0)")));
+                }
+                "prefix6" => {
+                    return Err(FieldError::whole(format!("`{part}`: an IPv6 prefix must be /16 to /128 (never /0)")));
+                }
+                "min" => return Err(FieldError::whole(format!("`{part}`: min must be at least 1"))),
+                other => {
+                    return Err(FieldError::whole(format!(
+                        "`{other}` is not an aggregation setting (prefix, prefix6, min)"
+                    )));
+                }
             }
         }
         Ok(a)
@@ -218,7 +230,7 @@ pub fn propose(
     release: &Release,
     matrix: &Matrix,
     opts: &Options,
-) -> anyhow::Result<Proposal> {
+) -> Result<Proposal, InputError> {
     let check = Check { inventory: inv, policies: &[], values, values_given, release, matrix };
     let report = check.run(flows)?;
     let mut notes: Vec<String> = report.notes.clone();
@@ -464,7 +476,7 @@ fn ingress_proposal(
     values: &Values,
     flows: &FlowFile,
     inv: &Inventory,
-) -> anyhow::Result<Vec<IngressPort>> {
+) -> Result<Vec<IngressPort>, InputError> {
     let mut out = Vec::new();
     for (name, cond) in INGRESS_PORTS {
         if !cond.map(|c| values.bool(c)).transpose()?.unwrap_or(true) {

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use super::{EgressRule, Peer, PortProto, Proposal};
 use crate::{
     chart::{CHART_NAME, Values},
+    error::InputError,
     input::Document,
     inventory::{Labels, NAMESPACE_NAME_LABEL},
     model::{DNS_PORT, Protocol},
@@ -358,7 +359,7 @@ fn item(v: &Value, indent: usize) -> anyhow::Result<String> {
 }
 
 /// The complete objects the chart renders from `base` with the proposal applied.
-pub fn manifests(p: &Proposal, base: &Values, skip: Option<usize>) -> anyhow::Result<Vec<Document>> {
+pub fn manifests(p: &Proposal, base: &Values, skip: Option<usize>) -> Result<Vec<Document>, InputError> {
     let values = base.with_overrides(values(p, skip))?;
     let release = crate::chart::Release { name: p.release.clone(), namespace: p.namespace.clone() };
     values.render(&release)
