@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
     check::{FlowVerdict, Report},
-    policy::evaluate::Side,
+    model::Direction,
 };
 
 struct Edge<'a> {
@@ -20,8 +20,8 @@ fn edges(r: &Report) -> (String, Vec<Edge<'_>>) {
     let mut out = Vec::new();
     for v in &r.verdicts {
         let (w, p) = match v.direction {
-            Side::Egress => (&v.src, &v.dst),
-            Side::Ingress => (&v.dst, &v.src),
+            Direction::Egress => (&v.src, &v.dst),
+            Direction::Ingress => (&v.dst, &v.src),
         };
         workload = w.identity.clone();
         // Line one: who; line two: the DNS names the workload resolved for it.
@@ -53,8 +53,8 @@ pub fn dot(r: &Report, title: &str) -> String {
     let _ = writeln!(s, "  \"{}\" [style=filled, fillcolor=\"#dbeafe\"];", workload.replace('"', "'"));
     for e in &edges {
         let (from, to) = match e.v.direction {
-            Side::Egress => (&workload, &e.peer),
-            Side::Ingress => (&e.peer, &workload),
+            Direction::Egress => (&workload, &e.peer),
+            Direction::Ingress => (&e.peer, &workload),
         };
         let color = if e.v.allowed { "#15803d" } else { "#dc2626" };
         let style = if e.v.matrix.unexpected { "dashed" } else { "solid" };
@@ -93,8 +93,8 @@ pub fn html(r: &Report, title: &str) -> String {
     for (k, e) in edges.iter().enumerate() {
         let (px, py) = pos(peers[e.peer.as_str()]);
         let ((x1, y1), (x2, y2)) = match e.v.direction {
-            Side::Egress => ((cx, cy), (px, py)),
-            Side::Ingress => ((px, py), (cx, cy)),
+            Direction::Egress => ((cx, cy), (px, py)),
+            Direction::Ingress => ((px, py), (cx, cy)),
         };
         // Stop short of the boxes.
         let (dx, dy) = (x2 - x1, y2 - y1);

@@ -338,3 +338,37 @@ fn bad_input_exits_2_with_file_object_and_field_and_nothing_on_stdout() {
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     }
 }
+
+#[test]
+fn hand_written_flows_take_their_direction_from_the_workload_with_or_without_values() {
+    // The fixture's flows without their `direction`: as a new user writes them by hand.
+    let cluster = fixtures().join("cluster");
+    let mut file: Value = serde_json::from_str(&std::fs::read_to_string(cluster.join("flows.json")).unwrap()).unwrap();
+    let recorded: Vec<Value> = file["flows"].as_array().unwrap().iter().map(|f| f["direction"].clone()).collect();
+    for f in file["flows"].as_array_mut().unwrap() {
+        f.as_object_mut().unwrap().remove("direction");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path().join("flows.json");
+    std::fs::write(&flows, file.to_string()).unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, BASE).unwrap();
+    let inv = cluster.join("inventory.yaml");
+    let judged = |extra: &[&str]| {
+        let mut args = vec!["check", "--flows", path(&flows), "--inventory", path(&inv), "--format", "json"];
+        args.extend(extra);
+        let r = netaudit(&args);
+        assert!(r.code == Some(0) || r.code == Some(1), "{}", r.stderr);
+        let report: Value = serde_json::from_str(&r.stdout).unwrap();
+        let v = report["verdicts"].as_array().unwrap().clone();
+        v.iter().map(|v| (v["direction"].clone(), v["matrix"]["row"].clone())).collect::<Vec<_>>()
+    };
+    for extra in [&[][..], &["--values", path(&values)]] {
+        let verdicts = judged(extra);
+        let directions: Vec<Value> = verdicts.iter().map(|(d, _)| d.clone()).collect();
+        assert_eq!(directions, recorded, "{extra:?}: the values must not change who opened a connection");
+        // The clients of the controller's ports are classified against its ingress rows.
+        let rows: Vec<&str> = verdicts[5..9].iter().map(|(_, r)| r.as_str().unwrap_or("none")).collect();
+        assert_eq!(rows, ["health", "webhook", "metrics", "gate"], "{extra:?}");
+    }
+}

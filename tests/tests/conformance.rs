@@ -9,8 +9,9 @@ use netaudit::{
     model::Protocol,
     policy::{
         self,
-        evaluate::{Conn, Endpoint, Evaluator},
+        evaluate::{Conn, Evaluator},
     },
+    resolve::Party,
 };
 
 fn corpus() -> PathBuf {
@@ -29,13 +30,13 @@ struct Expected {
     allowed: bool,
 }
 
-fn endpoint<'a>(inv: &'a Inventory, s: &str) -> Endpoint<'a> {
+fn endpoint<'a>(inv: &'a Inventory, s: &str) -> Party<'a> {
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Endpoint { ip, owner: inv.owner(ip), names: &[] };
+        return Party { ip, owner: inv.owner(ip), names: &[] };
     }
     let (ns, name) = s.split_once('/').expect("ns/pod");
     let pod = inv.pod(ns, name).unwrap_or_else(|| panic!("pod {s} not in objects.yaml"));
-    Endpoint { ip: pod.ips[0], owner: Owner::Pod(pod), names: &[] }
+    Party { ip: pod.ips[0], owner: Owner::Pod(pod), names: &[] }
 }
 
 #[test]

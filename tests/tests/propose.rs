@@ -8,7 +8,7 @@
 use std::{collections::BTreeSet, path::Path, process::Command};
 
 use netaudit::{
-    chart::{Release, Values},
+    chart::{Chart, Release, Values},
     check::Check,
     inventory::Inventory,
     matrix::Matrix,
@@ -27,8 +27,7 @@ const SSH: usize = 9;
 struct Fixture {
     inv: Inventory,
     flows: FlowFile,
-    values: Values,
-    release: Release,
+    chart: Chart,
     matrix: Matrix,
     _dir: tempfile::TempDir,
 }
@@ -42,28 +41,22 @@ fn fixture() -> Fixture {
     std::fs::write(&p, VALUES).unwrap();
     let values = Values::load(&p).unwrap();
     let release = Release { name: "ssc".into(), namespace: "stageset-system".into() };
-    Fixture { inv, flows, values, release, matrix: Matrix::default_matrix(), _dir: dir }
+    Fixture { inv, flows, chart: Chart { values, release }, matrix: Matrix::default_matrix(), _dir: dir }
 }
 
 fn proposal(fx: &Fixture, engine: Engine, include_unexpected: bool) -> Proposal {
     let opts = Options { engine, include_unexpected, aggregate: None };
-    propose::propose(&fx.flows, &fx.inv, &fx.values, true, &fx.release, &fx.matrix, &opts).unwrap()
+    propose::propose(&fx.flows, &fx.inv, Some(&fx.chart), &fx.matrix, &opts).unwrap()
 }
 
 /// Indexes of the flows the proposal (minus rule `skip`) cuts, checked as the chart renders it.
 fn cut_by(fx: &Fixture, p: &Proposal, skip: Option<usize>) -> BTreeSet<usize> {
-    let docs = render::manifests(p, &fx.values, skip).unwrap();
+    let docs = render::manifests(p, &fx.chart.values, skip).unwrap();
     let (policies, rest) = policy::from_documents(docs).unwrap();
     assert!(rest.is_empty());
-    let values = fx.values.with_overrides(render::values(p, skip)).unwrap();
-    let check = Check {
-        inventory: &fx.inv,
-        policies: &policies,
-        values: &values,
-        values_given: true,
-        release: &fx.release,
-        matrix: &fx.matrix,
-    };
+    let values = fx.chart.values.with_overrides(render::values(p, skip)).unwrap();
+    let chart = Chart { values, release: fx.chart.release.clone() };
+    let check = Check { inventory: &fx.inv, policies: &policies, chart: Some(&chart), matrix: &fx.matrix };
     let report = check.run(&fx.flows).unwrap();
     report.verdicts.iter().filter(|v| !v.allowed).map(|v| v.index).collect()
 }
@@ -121,7 +114,7 @@ fn apiserver_by_endpoint_target_ports_and_nothing_broader() {
     for engine in Engine::ALL {
         let p = proposal(&fx, engine, false);
         let yaml = render::values_yaml(&p).unwrap();
-        let manifests = render::manifests_yaml(&render::manifests(&p, &fx.values, None).unwrap()).unwrap();
+        let manifests = render::manifests_yaml(&render::manifests(&p, &fx.chart.values, None).unwrap()).unwrap();
         for text in [&yaml, &manifests] {
             let allow_all = text.matches("0.0.0.0/0").count();
             // Only ClusterNetworkPolicy's final Deny names everything, and it denies.
@@ -156,7 +149,7 @@ fn manifests_are_valid_api_objects() {
     let fx = fixture();
     for engine in Engine::ALL {
         let p = proposal(&fx, engine, false);
-        let docs = render::manifests(&p, &fx.values, None).unwrap();
+        let docs = render::manifests(&p, &fx.chart.values, None).unwrap();
         assert!(!docs.is_empty());
         for d in &docs {
             if engine == Engine::Kubernetes {
@@ -185,7 +178,7 @@ fn aggregation_only_when_asked() {
     flows.flows.push(extra);
     let run = |aggregate| {
         let opts = Options { engine: Engine::Kubernetes, include_unexpected: false, aggregate };
-        propose::propose(&flows, &fx.inv, &fx.values, true, &fx.release, &fx.matrix, &opts).unwrap()
+        propose::propose(&flows, &fx.inv, Some(&fx.chart), &fx.matrix, &opts).unwrap()
     };
     let nets = |p: &Proposal| -> Vec<String> {
         p.egress

@@ -163,12 +163,11 @@ impl Detector {
 mod tests {
     use super::*;
     use crate::{
-        chart::{Release, Values},
+        chart::{Chart, Release, Values},
         check::Check,
         inventory::Inventory,
         matrix::Matrix,
         model::{Direction, Endpoint, Losses, Protocol},
-        policy,
     };
 
     fn flow(dst: &str, port: u16, packets: u64) -> Flow {
@@ -198,19 +197,11 @@ mod tests {
         std::fs::write(&p, "networkPolicy: {enabled: true, egress: {enabled: true}}\n").unwrap();
         let values = Values::load(&p).unwrap();
         let release = Release { name: "stageset-controller".into(), namespace: "default".into() };
-        let (policies, _) = policy::from_documents(values.render(&release).unwrap()).unwrap();
+        let chart = Chart { values, release };
+        let policies = chart.policies().unwrap();
         let inv = Inventory::default();
         let matrix = Matrix::default_matrix();
-        Check {
-            inventory: &inv,
-            policies: &policies,
-            values: &values,
-            values_given: true,
-            release: &release,
-            matrix: &matrix,
-        }
-        .run(flows)
-        .unwrap()
+        Check { inventory: &inv, policies: &policies, chart: Some(&chart), matrix: &matrix }.run(flows).unwrap()
     }
 
     fn file(flows: Vec<Flow>) -> FlowFile {

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     capture::{Capture, CaptureConfig, Persist, cgroup},
-    chart::{CHART_NAME, Release, Values},
+    chart::{Chart, Release, Values},
     check::Check,
     error::InputError,
     inventory::Inventory,
@@ -67,8 +67,8 @@ pub fn run(config: Config) -> Result<()> {
 
 /// What the judge needs beside the flows (watch mode).
 struct Judge {
-    values: Values,
-    values_given: bool,
+    /// The chart's values (the ConfigMap): the policy about to be applied.
+    values: Option<Values>,
     matrix: Matrix,
 }
 
@@ -114,11 +114,7 @@ impl Agent {
         let judge = match config.mode {
             Mode::Learn => None,
             Mode::Watch => Some(Judge {
-                values: match &config.values {
-                    Some(p) => Values::load(p)?,
-                    None => Values::defaults(),
-                },
-                values_given: config.values.is_some(),
+                values: config.values.as_deref().map(Values::load).transpose()?,
                 matrix: match &config.matrix {
                     Some(p) => Matrix::load(p)?,
                     None => Matrix::default_matrix(),
@@ -336,29 +332,18 @@ impl Agent {
             // The chart's release: from an audited pod the chart made (other targets may be
             // other workloads), as `check` finds it in an inventory.
             let inventory = &self.cluster.inventory;
-            let chart_pod = per_pod
-                .iter()
-                .filter_map(|(p, _)| inventory.pod(&p.namespace, &p.name))
-                .find(|p| p.labels.get("app.kubernetes.io/name").map(String::as_str) == Some(CHART_NAME));
-            let release = Release {
-                name: chart_pod
-                    .and_then(|p| p.labels.get("app.kubernetes.io/instance").cloned())
-                    .unwrap_or_else(|| CHART_NAME.into()),
-                namespace: chart_pod
-                    .map(|p| p.namespace.clone())
-                    .or_else(|| per_pod.first().map(|(p, _)| p.namespace.clone()))
-                    .unwrap_or_else(|| "default".into()),
-            };
+            let audited = per_pod.iter().filter_map(|(p, _)| inventory.pod(&p.namespace, &p.name));
+            let fallback = per_pod.first().map_or("default", |(p, _)| p.namespace.as_str());
+            let (release, _) = Release::infer(None, None, audited, fallback);
+            let chart = judge.values.clone().map(|values| Chart { values, release });
             let mut policies = self.cluster.policies.clone();
-            if judge.values_given {
-                policies.extend(policy::from_documents(judge.values.render(&release)?)?.0);
+            if let Some(c) = &chart {
+                policies.extend(c.policies()?);
             }
             let check = Check {
                 inventory: &self.cluster.inventory,
                 policies: &policies,
-                values: &judge.values,
-                values_given: judge.values_given,
-                release: &release,
+                chart: chart.as_ref(),
                 matrix: &judge.matrix,
             };
             match check.run(&file) {

@@ -12,7 +12,7 @@ use crate::{
     input::{Document, type_name},
     inventory::{ContainerPort, Labels, NAMESPACE_NAME_LABEL, PodInfo},
     model::{DNS_PORT, Protocol},
-    policy::{Engine, cilium},
+    policy::{Engine, Policy, cilium},
 };
 
 pub const CHART_NAME: &str = "stageset-controller";
@@ -29,10 +29,77 @@ pub const INGRESS_PORTS: [(&str, Option<&str>); 5] = [
 ];
 
 /// Where the chart is installed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Release {
     pub name: String,
     pub namespace: String,
+}
+
+impl Release {
+    /// Where the chart is installed: `name` and `namespace` when given, else read from the first
+    /// of `pods` the chart made (its `app.kubernetes.io/name` and `instance` labels), else the
+    /// chart's name and `fallback_namespace`. The notes say what had to be assumed.
+    pub fn infer<'p>(
+        name: Option<&str>,
+        namespace: Option<&str>,
+        pods: impl IntoIterator<Item = &'p PodInfo>,
+        fallback_namespace: &str,
+    ) -> (Release, Vec<String>) {
+        let found =
+            pods.into_iter().find(|p| p.labels.get("app.kubernetes.io/name").map(String::as_str) == Some(CHART_NAME));
+        let from_pod = found.and_then(|p| p.labels.get("app.kubernetes.io/instance").cloned());
+        let release = Release {
+            name: name.map(str::to_string).or(from_pod).unwrap_or_else(|| CHART_NAME.to_string()),
+            namespace: namespace
+                .map(str::to_string)
+                .or_else(|| found.map(|p| p.namespace.clone()))
+                .unwrap_or_else(|| fallback_namespace.to_string()),
+        };
+        let mut notes = Vec::new();
+        if found.is_none() {
+            if name.is_none() {
+                notes.push(format!(
+                    "release name not given and no controller pod in the inventory: using `{}`",
+                    release.name
+                ));
+            }
+            if namespace.is_none() {
+                notes.push(format!(
+                    "release namespace not given and no controller pod in the inventory: using `{}`",
+                    release.namespace
+                ));
+            }
+        }
+        (release, notes)
+    }
+}
+
+/// The chart as one context: its values and where it is installed. Present when the user gave
+/// the values (`--values`, the agent's ConfigMap): the policies it renders are candidates, and
+/// audited addresses the inventory lacks are taken for its pod.
+#[derive(Clone, Debug)]
+pub struct Chart {
+    pub values: Values,
+    pub release: Release,
+}
+
+impl Chart {
+    /// The policies the chart renders (none when `networkPolicy.enabled` is false).
+    pub fn policies(&self) -> Result<Vec<Policy>, InputError> {
+        Ok(crate::policy::from_documents(self.values.render(&self.release)?)?.0)
+    }
+
+    /// The policy engine the values select (checked when the values were loaded).
+    pub fn engine(&self) -> Option<Engine> {
+        self.values.engine().ok()
+    }
+}
+
+/// The values of an install without a values file, for the questions the matrix asks when no
+/// chart context is given.
+pub fn default_values() -> &'static Values {
+    static DEFAULTS: std::sync::LazyLock<Values> = std::sync::LazyLock::new(Values::defaults);
+    &DEFAULTS
 }
 
 /// Chart values merged over the defaults.

@@ -5,15 +5,13 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use netaudit::{
-    chart::{CHART_NAME, Release, Values},
     check::{Check, FlowVerdict, Report},
     error::InputError,
-    input,
-    inventory::Inventory,
+    load::{ChartSource, Loaded},
     matrix::Matrix,
     model::FlowFile,
     policy::{
-        self, Policy,
+        self,
         lint::{Finding, Severity},
     },
 };
@@ -83,89 +81,25 @@ pub struct LintArgs {
     format: Format,
 }
 
-/// Everything read from the sources.
-pub struct Loaded {
-    pub inventory: Inventory,
-    pub policies: Vec<Policy>,
-    pub values: Values,
-    pub values_given: bool,
-    pub release: Release,
-    pub notes: Vec<String>,
-}
-
 fn load(s: &Sources) -> Result<Loaded> {
     load_cluster(&s.cluster, &s.policies, s.from_cluster)
 }
 
 /// Reads the cluster (`--inventory`; else, with `from_cluster`, the objects listed from the
-/// API), the values (rendering the chart's policies) and `policy_files`.
+/// API), `policy_files` and the chart context (rendering the chart's policies).
 pub fn load_cluster(s: &Cluster, policy_files: &[PathBuf], from_cluster: bool) -> Result<Loaded> {
-    let mut notes = Vec::new();
-    let (mut inventory, rest) = match &s.inventory {
-        Some(p) => Inventory::load(p)?,
-        None if from_cluster => {
-            let mut inv = Inventory::default();
-            let rest = inv.add_documents(super::agent::fetch_documents()?)?;
-            inv.index();
-            (inv, rest)
-        }
-        None => (Inventory::default(), Vec::new()),
+    let mut loaded = match &s.inventory {
+        Some(p) => Loaded::from_inventory_file(p)?,
+        None if from_cluster => Loaded::from_documents(super::agent::fetch_documents()?)?,
+        None => Loaded::default(),
     };
-    let (mut policies, skipped) = policy::from_documents(rest)?;
-    for d in &skipped {
-        inventory.note_skipped(d);
-    }
     for path in policy_files {
-        let docs = input::read_objects(path)?;
-        let (found, rest) = policy::from_documents(docs)?;
-        if found.is_empty() {
-            return Err(InputError::new(format!("--policy {}", path.display()), "holds no policy objects").into());
-        }
-        policies.extend(found);
-        for d in &rest {
-            inventory.note_skipped(d);
-        }
+        loaded.add_policy_file(path)?;
     }
-    let (values, values_given) = match &s.values {
-        Some(p) => (Values::load(p)?, true),
-        None => (Values::defaults(), false),
-    };
-    // The release: flags, else the controller pod the inventory holds.
-    let found =
-        inventory.pods.iter().find(|p| p.labels.get("app.kubernetes.io/name").map(String::as_str) == Some(CHART_NAME));
-    let release = Release {
-        name: s
-            .release
-            .clone()
-            .or_else(|| found.and_then(|p| p.labels.get("app.kubernetes.io/instance").cloned()))
-            .unwrap_or_else(|| CHART_NAME.to_string()),
-        namespace: s
-            .namespace
-            .clone()
-            .or_else(|| found.map(|p| p.namespace.clone()))
-            .unwrap_or_else(|| "default".into()),
-    };
-    if values_given {
-        if s.release.is_none() && found.is_none() {
-            notes.push(format!(
-                "release name not given and no controller pod in the inventory: using `{}`",
-                release.name
-            ));
-        }
-        if s.namespace.is_none() && found.is_none() {
-            notes.push(format!(
-                "release namespace not given and no controller pod in the inventory: using `{}`",
-                release.namespace
-            ));
-        }
-        let rendered = values.render(&release)?;
-        if rendered.is_empty() {
-            notes.push(format!("{}: networkPolicy.enabled is false: the chart renders no policy", values.origin));
-        }
-        policies.extend(policy::from_documents(rendered)?.0);
-    }
-    notes.extend(inventory.notes.iter().cloned());
-    Ok(Loaded { inventory, policies, values, values_given, release, notes })
+    let chart =
+        ChartSource { values: s.values.as_deref(), release: s.release.as_deref(), namespace: s.namespace.as_deref() };
+    loaded.add_chart(chart)?;
+    Ok(loaded)
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -181,13 +115,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let check = Check {
         inventory: &loaded.inventory,
         policies: &loaded.policies,
-        values: &loaded.values,
-        values_given: loaded.values_given,
-        release: &loaded.release,
+        chart: loaded.chart.as_ref(),
         matrix: &matrix,
     };
     let mut report = check.run(&flows)?;
-    report.notes.splice(0..0, loaded.notes);
+    report.notes.splice(0..0, loaded.all_notes());
     let text = match args.format {
         Format::Json => serde_json::to_string_pretty(&report).context("serializing the report")? + "\n",
         Format::Table => table(&report, &matrix),

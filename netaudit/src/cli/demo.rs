@@ -19,13 +19,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use netaudit::{
     capture::{Capture, CaptureConfig},
-    chart::{INGRESS_PORTS, Values},
+    chart::{Chart, INGRESS_PORTS, Values},
     check::{Check, Report},
     graph,
     inventory::Inventory,
     lab::{self, Lab, host::Actor},
     matrix::Matrix,
-    policy::{self, Engine},
+    policy::Engine,
     propose::{self, Options, render},
 };
 
@@ -99,25 +99,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let example_path = dir.join("docs-example-values.yaml");
     write_atomically(&example_path, &lab::docs_example_values())?;
     let example = Values::load(&example_path)?;
-    let (policies, _) = policy::from_documents(example.render(&release)?)?;
-    let check = Check {
-        inventory: &inventory,
-        policies: &policies,
-        values: &example,
-        values_given: true,
-        release: &release,
-        matrix: &matrix,
-    };
+    let example = Chart { values: example, release: release.clone() };
+    let policies = example.policies()?;
+    let check = Check { inventory: &inventory, policies: &policies, chart: Some(&example), matrix: &matrix };
     let report = check.run(&flows)?;
     write_atomically(&dir.join("check-docs-example.json"), &(serde_json::to_string_pretty(&report)? + "\n"))?;
 
     let opts = Options { engine: args.engine, include_unexpected: false, aggregate: None };
-    let proposal = propose::propose(&flows, &inventory, &values, true, &release, &matrix, &opts)?;
+    let chart = Chart { values, release };
+    let proposal = propose::propose(&flows, &inventory, Some(&chart), &matrix, &opts)?;
     let proposal_yaml = render::values_yaml(&proposal)?;
     write_atomically(&dir.join("proposal-values.yaml"), &proposal_yaml)?;
     write_atomically(
         &dir.join("proposal-manifests.yaml"),
-        &render::manifests_yaml(&render::manifests(&proposal, &values, None)?)?,
+        &render::manifests_yaml(&render::manifests(&proposal, &chart.values, None)?)?,
     )?;
     write_atomically(&dir.join("proposal.json"), &(serde_json::to_string_pretty(&proposal)? + "\n"))?;
     let title =

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use netaudit::{
+    chart::default_values,
     error::{FieldError, InputError},
     matrix::Matrix,
     model::FlowFile,
@@ -78,10 +79,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         None => super::agent::fetch_flows(args.cluster.namespace.as_deref(), args.target.as_deref())?,
     };
     let loaded = load_cluster(&args.cluster, &[], args.from_cluster)?;
-    let engine = match args.engine {
-        Some(e) => e,
-        None if loaded.values_given => loaded.values.engine()?,
-        None => {
+    let engine = match (args.engine, &loaded.chart) {
+        (Some(e), _) => e,
+        (None, Some(c)) => c.values.engine()?,
+        (None, None) => {
             let msg = "give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values";
             return Err(InputError::usage(msg).into());
         }
@@ -91,19 +92,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         None => Matrix::default_matrix(),
     };
     let opts = Options { engine, include_unexpected: args.include_unexpected, aggregate: args.aggregate };
-    let mut proposal = propose::propose(
-        &flows,
-        &loaded.inventory,
-        &loaded.values,
-        loaded.values_given,
-        &loaded.release,
-        &matrix,
-        &opts,
-    )?;
-    proposal.notes.splice(0..0, loaded.notes);
+    let mut proposal = propose::propose(&flows, &loaded.inventory, loaded.chart.as_ref(), &matrix, &opts)?;
+    proposal.notes.splice(0..0, loaded.all_notes());
     let text = match args.format {
         Format::Values => render::values_yaml(&proposal)?,
-        Format::Manifests => render::manifests_yaml(&render::manifests(&proposal, &loaded.values, None)?)?,
+        Format::Manifests => render::manifests_yaml(&render::manifests(
+            &proposal,
+            loaded.chart.as_ref().map_or(default_values(), |c| &c.values),
+            None,
+        )?)?,
         Format::Json => serde_json::to_string_pretty(&proposal)? + "\n",
     };
     match &args.output {

@@ -11,8 +11,8 @@ use crate::{
     chart::Values,
     error::{FieldError, InputError},
     inventory::{Inventory, Labels, Owner, ServiceInfo},
-    model::Protocol,
-    policy::evaluate::{Endpoint, Side},
+    model::{Direction, Protocol},
+    resolve::{Party, ResolvedFlow},
 };
 
 const DEFAULT: &str = include_str!("stageset-controller.yaml");
@@ -33,7 +33,7 @@ pub struct Matrix {
 #[serde(deny_unknown_fields)]
 pub struct Row {
     pub id: String,
-    pub direction: Side,
+    pub direction: Direction,
     #[serde(default)]
     pub description: String,
     /// Empty: any port.
@@ -94,19 +94,35 @@ pub enum PeerKind {
     },
 }
 
-/// One observed flow, from the audited workload's side.
-pub struct Observation<'a> {
-    pub direction: Side,
-    pub protocol: Protocol,
+/// A resolved flow as the rows look at it: from the audited workload's side.
+struct Observation<'a> {
+    direction: Direction,
+    protocol: Protocol,
     /// The port the initiator connected to.
-    pub port: Option<u16>,
-    /// Backend (target) ports when the flow went to a Service.
-    pub backend_ports: Vec<u16>,
-    pub peer: Endpoint<'a>,
-    /// The Service whose ClusterIP the flow went to.
-    pub service: Option<&'a ServiceInfo>,
-    /// Backends' owners when the flow went to a Service.
-    pub backends: Vec<Endpoint<'a>>,
+    port: Option<u16>,
+    /// Backend (target) ports when the workload's connection went to a Service.
+    backend_ports: Vec<u16>,
+    /// The other end, as recorded.
+    peer: Party<'a>,
+    /// The Service whose ClusterIP the workload connected to.
+    service: Option<&'a ServiceInfo>,
+    /// That Service's backends.
+    backends: Vec<Party<'a>>,
+}
+
+impl<'a> Observation<'a> {
+    fn of(r: &ResolvedFlow<'a>) -> Observation<'a> {
+        let egress_backends = r.direction == Direction::Egress && r.via_backends();
+        Observation {
+            direction: r.direction,
+            protocol: r.flow.protocol,
+            port: r.flow.dst.port,
+            backend_ports: if egress_backends { r.targets.iter().filter_map(|t| t.port).collect() } else { Vec::new() },
+            peer: *r.peer(),
+            service: if r.direction == Direction::Egress { r.service.map(|s| s.service) } else { None },
+            backends: if egress_backends { r.targets.iter().map(|t| t.party).collect() } else { Vec::new() },
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -184,13 +200,14 @@ impl Matrix {
         self.rows.iter().find(|r| r.id == id)
     }
 
-    /// Which row the observation belongs to.
+    /// Which row a resolved flow belongs to.
     pub fn classify(
         &self,
-        o: &Observation<'_>,
+        flow: &ResolvedFlow<'_>,
         inv: &Inventory,
         values: &Values,
     ) -> Result<Classification, InputError> {
+        let o = &Observation::of(flow);
         let mut fits = Vec::new();
         for r in &self.rows {
             if r.direction == o.direction
@@ -272,7 +289,7 @@ fn peer_fits(
     inv: &Inventory,
     values: &Values,
 ) -> Result<bool, InputError> {
-    let ends: Vec<&Endpoint<'_>> = if o.backends.is_empty() { vec![&o.peer] } else { o.backends.iter().collect() };
+    let ends: Vec<&Party<'_>> = if o.backends.is_empty() { vec![&o.peer] } else { o.backends.iter().collect() };
     let unknown = matches!(o.peer.owner, Owner::External) && o.service.is_none();
     Ok(match kind {
         PeerKind::Any => true,
@@ -312,7 +329,7 @@ fn is_dns_labels(l: &Labels) -> bool {
 
 /// Whether the flow went to `host` (a name, an address, `host:port`, or a URL): by address, by a
 /// DNS name the workload resolved, or by the Service a `<svc>.<ns>.svc` name means.
-pub fn host_fits(host: &str, o: &Observation<'_>) -> bool {
+fn host_fits(host: &str, o: &Observation<'_>) -> bool {
     let (name, port) = split_host(host);
     if port.is_some_and(|p| o.port != Some(p) && !o.backend_ports.contains(&p)) {
         return false;

@@ -15,37 +15,22 @@
 //! Traffic from the pod's own node is always admitted (kubelet probes): NetworkPolicy cannot block
 //! it, and Cilium allows host→endpoint by default.
 
-use std::{cell::RefCell, collections::HashMap, net::IpAddr, rc::Rc};
+use std::{cell::RefCell, collections::HashMap, rc::Rc};
 
 use serde::Serialize;
 
 use super::{Action, Entity, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Tier};
 use crate::{
     inventory::{Inventory, Labels, NAMESPACE_NAME_LABEL, Owner, PodInfo},
-    model::Protocol,
+    model::{Direction, Protocol},
+    resolve::Party,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Egress,
-    Ingress,
-}
-
-/// One end of a connection, with who owns the address.
-#[derive(Clone, Copy, Debug)]
-pub struct Endpoint<'a> {
-    pub ip: IpAddr,
-    pub owner: Owner<'a>,
-    /// DNS names the workload resolved to this address (for FQDN rules).
-    pub names: &'a [String],
-}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Conn<'a> {
     pub protocol: Protocol,
-    pub src: Endpoint<'a>,
-    pub dst: Endpoint<'a>,
+    pub src: Party<'a>,
+    pub dst: Party<'a>,
     /// The destination (service) port; none for ICMP.
     pub port: Option<u16>,
 }
@@ -53,7 +38,7 @@ pub struct Conn<'a> {
 /// How one end decided.
 #[derive(Clone, Debug, Serialize)]
 pub struct SideVerdict {
-    pub side: Side,
+    pub side: Direction,
     /// The pod judged (`namespace/name`).
     pub pod: String,
     pub allowed: bool,
@@ -76,7 +61,7 @@ pub struct ConnVerdict {
 }
 
 /// (pod address, side) → indexes of the namespaced policies selecting it.
-type SelectingCache = HashMap<(usize, Side), Rc<Vec<usize>>>;
+type SelectingCache = HashMap<(usize, Direction), Rc<Vec<usize>>>;
 
 pub struct Evaluator<'a> {
     inv: &'a Inventory,
@@ -118,10 +103,10 @@ impl<'a> Evaluator<'a> {
     pub fn judge(&self, c: &Conn<'_>) -> ConnVerdict {
         let mut sides = Vec::new();
         if let Owner::Pod(p) = c.src.owner {
-            sides.push(self.side(Side::Egress, p, &c.dst, c.protocol, c.port));
+            sides.push(self.side(Direction::Egress, p, &c.dst, c.protocol, c.port));
         }
         if let Owner::Pod(p) = c.dst.owner {
-            sides.push(self.side(Side::Ingress, p, &c.src, c.protocol, c.port));
+            sides.push(self.side(Direction::Ingress, p, &c.src, c.protocol, c.port));
         }
         ConnVerdict { allowed: sides.iter().all(|s| s.allowed), sides }
     }
@@ -129,14 +114,14 @@ impl<'a> Evaluator<'a> {
     /// Judges one end: `subject` sending (egress) to or receiving (ingress) from `peer`.
     pub fn side(
         &self,
-        side: Side,
+        side: Direction,
         subject: &PodInfo,
-        peer: &Endpoint<'_>,
+        peer: &Party<'_>,
         proto: Protocol,
         port: Option<u16>,
     ) -> SideVerdict {
         let m = Match { ev: self, side, subject, peer, proto, port };
-        if side == Side::Ingress
+        if side == Direction::Ingress
             && let Owner::Node(n) = peer.owner
             && subject.node_name.as_deref() == Some(n.name.as_str())
         {
@@ -185,7 +170,7 @@ impl<'a> Evaluator<'a> {
 
     /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
     /// order.
-    fn selecting(&self, pod: &PodInfo, side: Side) -> Rc<Vec<usize>> {
+    fn selecting(&self, pod: &PodInfo, side: Direction) -> Rc<Vec<usize>> {
         let key = (pod as *const PodInfo as usize, side);
         if let Some(v) = self.selecting.borrow().get(&key) {
             return v.clone();
@@ -219,19 +204,19 @@ impl<'a> Evaluator<'a> {
     }
 }
 
-fn rules_for(p: &Policy, side: Side) -> Option<&Vec<Rule>> {
+fn rules_for(p: &Policy, side: Direction) -> Option<&Vec<Rule>> {
     match side {
-        Side::Egress => p.egress.as_ref(),
-        Side::Ingress => p.ingress.as_ref(),
+        Direction::Egress => p.egress.as_ref(),
+        Direction::Ingress => p.ingress.as_ref(),
     }
 }
 
 /// One end's question, asked of rule after rule.
 struct Match<'e, 'a> {
     ev: &'e Evaluator<'a>,
-    side: Side,
+    side: Direction,
     subject: &'e PodInfo,
-    peer: &'e Endpoint<'e>,
+    peer: &'e Party<'e>,
     proto: Protocol,
     port: Option<u16>,
 }
@@ -310,8 +295,8 @@ impl Match<'_, '_> {
             PortSpec::Named(name) => {
                 // Named ports belong to the destination pod: the subject on ingress, the peer on egress.
                 let dst = match self.side {
-                    Side::Ingress => Some(self.subject),
-                    Side::Egress => match self.peer.owner {
+                    Direction::Ingress => Some(self.subject),
+                    Direction::Egress => match self.peer.owner {
                         Owner::Pod(p) => Some(p),
                         _ => None,
                     },
@@ -388,29 +373,19 @@ fn glob(p: &str, n: &str) -> bool {
     }
 }
 
-fn side_name(s: Side) -> &'static str {
+fn side_name(s: Direction) -> &'static str {
     match s {
-        Side::Egress => "egress",
-        Side::Ingress => "ingress",
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
     }
 }
 
-fn describe_conn(side: Side, peer: &Endpoint<'_>, proto: Protocol, port: Option<u16>) -> String {
-    let who = describe_endpoint(peer);
+fn describe_conn(side: Direction, peer: &Party<'_>, proto: Protocol, port: Option<u16>) -> String {
+    let who = peer.describe();
     let port = port.map(|p| format!("/{p}")).unwrap_or_default();
     match side {
-        Side::Egress => format!("{proto}{port} to {who}"),
-        Side::Ingress => format!("{proto}{port} from {who}"),
-    }
-}
-
-/// `pod x/a (10.0.0.1)`, `node cp (172.18.0.2)`, `192.0.2.9 (s3.example.com)`.
-pub fn describe_endpoint(e: &Endpoint<'_>) -> String {
-    match e.owner {
-        Owner::Pod(p) => format!("pod {} ({})", p.id(), e.ip),
-        Owner::Node(n) => format!("node {} ({})", n.name, e.ip),
-        Owner::External if e.names.is_empty() => e.ip.to_string(),
-        Owner::External => format!("{} ({})", e.ip, e.names.join(", ")),
+        Direction::Egress => format!("{proto}{port} to {who}"),
+        Direction::Ingress => format!("{proto}{port} from {who}"),
     }
 }
 

@@ -3,7 +3,8 @@
 
 use std::net::IpAddr;
 
-use super::evaluate::{Conn, Endpoint, Evaluator};
+use super::evaluate::{Conn, Evaluator};
+use crate::resolve::Party;
 use crate::{
     input::{Document, parse_values},
     inventory::{Inventory, Owner},
@@ -49,13 +50,13 @@ fn docs(yaml: &str) -> Vec<Document> {
     out
 }
 
-fn endpoint<'a>(inv: &'a Inventory, s: &str, names: &'a [String]) -> Endpoint<'a> {
+fn endpoint<'a>(inv: &'a Inventory, s: &str, names: &'a [String]) -> Party<'a> {
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Endpoint { ip, owner: inv.owner(ip), names };
+        return Party { ip, owner: inv.owner(ip), names };
     }
     let (ns, name) = s.split_once('/').unwrap();
     let pod = inv.pod(ns, name).unwrap();
-    Endpoint { ip: pod.ips[0], owner: Owner::Pod(pod), names }
+    Party { ip: pod.ips[0], owner: Owner::Pod(pod), names }
 }
 
 /// Runs `cases` ("src dst PROTO/port allowed|cut [name]") against `policies` in the test cluster.

@@ -18,13 +18,13 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    chart::{INGRESS_PORTS, Release, Values},
-    check::{Check, FlowVerdict},
+    chart::{Chart, INGRESS_PORTS, Release, Values, default_values},
     error::{FieldError, InputError},
     inventory::{Inventory, Labels, Owner, PodInfo},
     matrix::Matrix,
-    model::{DNS_PORT, Flow, FlowFile, Protocol},
-    policy::{Engine, evaluate::Side},
+    model::{DNS_PORT, Direction, Flow, FlowFile, Protocol},
+    policy::Engine,
+    resolve::{Party, ResolvedFlow, Resolver},
 };
 
 /// Labels that identify an application; hashes and per-pod labels never go into a selector.
@@ -221,127 +221,194 @@ pub struct Proposal {
     pub notes: Vec<String>,
 }
 
-/// Builds the proposal for `flows`.
+/// Builds the proposal for `flows`: every flow resolved and classified, then allowlisted by
+/// peer (egress) and by port (ingress); the apiserver and DNS always.
 pub fn propose(
     flows: &FlowFile,
     inv: &Inventory,
-    values: &Values,
-    values_given: bool,
-    release: &Release,
+    chart: Option<&Chart>,
     matrix: &Matrix,
     opts: &Options,
 ) -> Result<Proposal, InputError> {
-    let check = Check { inventory: inv, policies: &[], values, values_given, release, matrix };
-    let report = check.run(flows)?;
-    let mut notes: Vec<String> = report.notes.clone();
-    let mut unexpected = Vec::new();
-    // Egress, grouped by peer.
-    let mut egress: BTreeMap<Peer, EgressRule> = BTreeMap::new();
-    let mut dns_evidence = Evidence::default();
-    let mut dns_pods: Vec<&PodInfo> = Vec::new();
-    let mut ingress_seen: BTreeMap<u16, Vec<(Peer, String, usize)>> = BTreeMap::new();
-    for v in &report.verdicts {
-        let f = &flows.flows[v.index];
+    let resolver = Resolver::new(inv, chart, &flows.flows)?;
+    let values = chart.map(|c| &c.values).unwrap_or(default_values());
+    let mut c = Collector {
+        inv,
+        egress: BTreeMap::new(),
+        dns_evidence: Evidence::default(),
+        dns_pods: Vec::new(),
+        ingress_seen: BTreeMap::new(),
+        unexpected: Vec::new(),
+        notes: resolver.notes.clone(),
+    };
+    for (index, f) in flows.flows.iter().enumerate() {
         if f.internal {
             continue;
         }
-        if v.matrix.unexpected {
-            unexpected.push(Unexpected {
-                index: v.index,
+        let r = resolver.resolve(index, f);
+        let class = matrix.classify(&r, inv, values)?;
+        if class.unexpected {
+            c.unexpected.push(Unexpected {
+                index,
                 protocol: f.protocol,
-                src: format!("{} ({})", v.src.ip, v.src.identity),
-                dst: format!("{} ({})", v.dst.ip, v.dst.identity),
+                src: format!("{} ({})", f.src.ip, endpoint_identity(&r, &r.src)),
+                dst: format!("{} ({})", f.dst.ip, endpoint_identity(&r, &r.dst)),
                 port: f.dst.port,
-                why: v.matrix.why.clone().unwrap_or_default(),
+                why: class.why.clone().unwrap_or_default(),
             });
             if !opts.include_unexpected {
                 continue;
             }
         }
-        let row = v.matrix.row.clone();
-        match v.direction {
-            Side::Egress => {
-                for (ip, port) in targets(v, f) {
-                    let owner = inv.owner(ip);
-                    let is_dns_row = row.as_deref() == Some("dns");
-                    if is_dns_row && let Owner::Pod(p) = owner {
-                        dns_evidence.add(f, format!("pod {}", p.id()));
-                        if !dns_pods.iter().any(|x| std::ptr::eq(*x, p)) {
-                            dns_pods.push(p);
-                        }
-                        continue;
-                    }
-                    let (peer, seen) = if inv.is_apiserver(ip) {
-                        (
-                            Peer::Apiserver { addresses: vec![] },
-                            format!("apiserver endpoint {ip}:{}", port.unwrap_or(0)),
-                        )
-                    } else {
-                        match owner {
-                            Owner::Pod(p) => (
-                                Peer::Pods { namespace: p.namespace.clone(), labels: identifying(&p.labels) },
-                                format!("pod {}", p.id()),
-                            ),
-                            _ => (
-                                Peer::Addresses { nets: vec![IpNet::from(ip)], names: Vec::new() },
-                                describe_addr(ip, &f.dst.names),
-                            ),
-                        }
-                    };
-                    let rule = egress.entry(peer.clone()).or_insert_with(|| EgressRule {
-                        peer,
-                        ports: Vec::new(),
-                        rows: Vec::new(),
-                        required: false,
-                        evidence: Evidence::default(),
-                        note: None,
-                    });
-                    if let Peer::Addresses { names, .. } = &mut rule.peer {
-                        for n in &f.dst.names {
-                            if !names.contains(n) {
-                                names.push(n.clone());
-                            }
-                        }
-                    }
-                    if let Some(port) = port {
-                        let pp = PortProto { protocol: f.protocol, port };
-                        if !rule.ports.contains(&pp) {
-                            rule.ports.push(pp);
-                        }
-                    }
-                    if let Some(r) = &row
-                        && !rule.rows.contains(r)
-                    {
-                        rule.rows.push(r.clone());
-                    }
-                    rule.evidence.add(f, seen);
-                }
-            }
-            Side::Ingress => {
-                let Some(port) = f.dst.port else { continue };
-                let (peer, seen) = match inv.owner(f.src.ip) {
-                    Owner::Pod(p) => (
-                        Peer::Pods { namespace: p.namespace.clone(), labels: identifying(&p.labels) },
-                        format!("pod {}", p.id()),
-                    ),
-                    Owner::Node(n) => (
-                        Peer::Addresses { nets: vec![IpNet::from(f.src.ip)], names: vec![] },
-                        format!("node {} ({})", n.name, f.src.ip),
-                    ),
-                    Owner::External => (
-                        Peer::Addresses { nets: vec![IpNet::from(f.src.ip)], names: vec![] },
-                        describe_addr(f.src.ip, &f.src.names),
-                    ),
-                };
-                ingress_seen.entry(port).or_default().push((peer, seen, v.index));
-            }
+        match r.direction {
+            Direction::Egress => c.egress(&r, class.row.as_deref()),
+            Direction::Ingress => c.ingress(&r),
         }
     }
-    // The apiserver: always, by its endpoints and endpoint ports.
+    let Collector { egress, dns_evidence, dns_pods, ingress_seen, unexpected, mut notes, .. } = c;
+    let mut rules = vec![apiserver_rule(inv, egress.get(&Peer::Apiserver { addresses: vec![] }).cloned(), &mut notes)];
+    let mut rest: Vec<EgressRule> =
+        egress.into_iter().filter(|(k, _)| !matches!(k, Peer::Apiserver { .. })).map(|(_, r)| r).collect();
+    if let Some(agg) = opts.aggregate {
+        rest = aggregate(rest, agg, &mut notes);
+    }
+    for r in &mut rest {
+        r.ports.sort();
+        r.rows.sort();
+        if let Peer::Addresses { names, .. } = &mut r.peer {
+            names.sort();
+        }
+    }
+    rules.extend(rest);
+    let ingress = ingress_proposal(ingress_seen, values, flows, inv)?;
+    if !opts.include_unexpected && !unexpected.is_empty() {
+        notes.push(format!(
+            "{} unexpected flow(s) are listed below and NOT allowlisted; review them, then pass --include-unexpected \
+             or extend the matrix if they are legitimate",
+            unexpected.len()
+        ));
+    }
+    let release =
+        chart.map(|c| c.release.clone()).unwrap_or_else(|| Release::infer(None, None, &inv.pods, "default").0);
+    Ok(Proposal {
+        engine: opts.engine,
+        release: release.name,
+        namespace: release.namespace,
+        dns: dns_proposal(inv, &dns_pods, dns_evidence, opts.engine),
+        egress: rules,
+        ingress,
+        unexpected,
+        include_unexpected: opts.include_unexpected,
+        notes,
+    })
+}
+
+/// `Service ns/name` for a ClusterIP destination, else who owns the address.
+fn endpoint_identity(r: &ResolvedFlow<'_>, p: &Party<'_>) -> String {
+    match r.service {
+        Some(s) if std::ptr::eq(p, &r.dst) => format!("Service {}", s.service.id()),
+        _ => p.identity(),
+    }
+}
+
+/// What the flows showed, gathered per peer and port.
+struct Collector<'a> {
+    inv: &'a Inventory,
+    egress: BTreeMap<Peer, EgressRule>,
+    dns_evidence: Evidence,
+    dns_pods: Vec<&'a PodInfo>,
+    ingress_seen: BTreeMap<u16, Vec<(Peer, String, usize)>>,
+    unexpected: Vec<Unexpected>,
+    notes: Vec<String>,
+}
+
+impl<'a> Collector<'a> {
+    /// An egress flow, at each place it really went (Service backends and their target ports).
+    fn egress(&mut self, r: &ResolvedFlow<'_>, row: Option<&str>) {
+        let (inv, f) = (self.inv, r.flow);
+        for t in &r.targets {
+            let (ip, port) = (t.party.ip, t.port);
+            let owner = inv.owner(ip);
+            if row == Some("dns")
+                && let Owner::Pod(p) = owner
+            {
+                self.dns_evidence.add(f, format!("pod {}", p.id()));
+                if !self.dns_pods.iter().any(|x| std::ptr::eq(*x, p)) {
+                    self.dns_pods.push(p);
+                }
+                continue;
+            }
+            let (peer, seen) = match owner {
+                _ if inv.is_apiserver(ip) => {
+                    (Peer::Apiserver { addresses: vec![] }, format!("apiserver endpoint {ip}:{}", port.unwrap_or(0)))
+                }
+                Owner::Pod(p) => (
+                    Peer::Pods { namespace: p.namespace.clone(), labels: identifying(&p.labels) },
+                    format!("pod {}", p.id()),
+                ),
+                _ => (
+                    Peer::Addresses { nets: vec![IpNet::from(ip)], names: Vec::new() },
+                    describe_addr(ip, &f.dst.names),
+                ),
+            };
+            let rule = self.egress.entry(peer.clone()).or_insert_with(|| EgressRule {
+                peer,
+                ports: Vec::new(),
+                rows: Vec::new(),
+                required: false,
+                evidence: Evidence::default(),
+                note: None,
+            });
+            if let Peer::Addresses { names, .. } = &mut rule.peer {
+                for n in &f.dst.names {
+                    if !names.contains(n) {
+                        names.push(n.clone());
+                    }
+                }
+            }
+            if let Some(port) = port {
+                let pp = PortProto { protocol: f.protocol, port };
+                if !rule.ports.contains(&pp) {
+                    rule.ports.push(pp);
+                }
+            }
+            if let Some(r) = row
+                && !rule.rows.iter().any(|x| x == r)
+            {
+                rule.rows.push(r.to_string());
+            }
+            rule.evidence.add(f, seen);
+        }
+    }
+
+    /// An ingress flow: its source, under the port it reached.
+    fn ingress(&mut self, r: &ResolvedFlow<'_>) {
+        let f = r.flow;
+        let Some(port) = f.dst.port else { return };
+        let (peer, seen) = match self.inv.owner(f.src.ip) {
+            Owner::Pod(p) => (
+                Peer::Pods { namespace: p.namespace.clone(), labels: identifying(&p.labels) },
+                format!("pod {}", p.id()),
+            ),
+            Owner::Node(n) => (
+                Peer::Addresses { nets: vec![IpNet::from(f.src.ip)], names: vec![] },
+                format!("node {} ({})", n.name, f.src.ip),
+            ),
+            Owner::External => (
+                Peer::Addresses { nets: vec![IpNet::from(f.src.ip)], names: vec![] },
+                describe_addr(f.src.ip, &f.src.names),
+            ),
+        };
+        self.ingress_seen.entry(port).or_default().push((peer, seen, r.index));
+    }
+}
+
+/// The apiserver rule: always, by its endpoints and endpoint ports (never the Service's
+/// ClusterIP:443), with what the window saw of it.
+fn apiserver_rule(inv: &Inventory, seen: Option<EgressRule>, notes: &mut Vec<String>) -> EgressRule {
     let endpoints = inv.apiserver_endpoints();
-    let api_key = Peer::Apiserver { addresses: vec![] };
-    let mut api = egress.remove(&api_key).unwrap_or_else(|| EgressRule {
-        peer: api_key,
+    let mut api = seen.unwrap_or_else(|| EgressRule {
+        peer: Peer::Apiserver { addresses: vec![] },
         ports: Vec::new(),
         rows: vec!["apiserver".into()],
         required: true,
@@ -358,6 +425,7 @@ pub fn propose(
             api.ports.push(pp);
         }
     }
+    api.ports.sort();
     if addrs.is_empty() {
         notes.push(
             "the apiserver's endpoints are unknown (no `kubernetes` EndpointSlice in the inventory): the apiserver rule \
@@ -371,51 +439,7 @@ pub fn propose(
         "the endpoints of default/kubernetes and their port: policy sees the apiserver after the Service's DNAT".into()
     });
     api.peer = Peer::Apiserver { addresses: addrs };
-    // Cluster DNS: always.
-    let dns = dns_proposal(inv, &dns_pods, dns_evidence, opts.engine);
-    let mut rules: Vec<EgressRule> = vec![api];
-    let mut rest: Vec<EgressRule> = egress.into_values().collect();
-    if let Some(agg) = opts.aggregate {
-        rest = aggregate(rest, agg, &mut notes);
-    }
-    for r in &mut rest {
-        r.ports.sort();
-        r.rows.sort();
-        if let Peer::Addresses { names, .. } = &mut r.peer {
-            names.sort();
-        }
-    }
-    rules.extend(rest);
-    rules[0].ports.sort();
-    let ingress = ingress_proposal(ingress_seen, values, flows, inv)?;
-    if !opts.include_unexpected && !unexpected.is_empty() {
-        notes.push(format!(
-            "{} unexpected flow(s) are listed below and NOT allowlisted; review them, then pass --include-unexpected \
-             or extend the matrix if they are legitimate",
-            unexpected.len()
-        ));
-    }
-    Ok(Proposal {
-        engine: opts.engine,
-        release: release.name.clone(),
-        namespace: release.namespace.clone(),
-        dns,
-        egress: rules,
-        ingress,
-        unexpected,
-        include_unexpected: opts.include_unexpected,
-        notes,
-    })
-}
-
-/// Where the connection really went: each Service backend (address, target port), or the
-/// recorded destination.
-fn targets(v: &FlowVerdict, f: &Flow) -> Vec<(IpAddr, Option<u16>)> {
-    if v.backends.is_empty() {
-        vec![(f.dst.ip, f.dst.port)]
-    } else {
-        v.backends.iter().map(|b| (b.ip, Some(b.port))).collect()
-    }
+    api
 }
 
 fn describe_addr(ip: IpAddr, names: &[String]) -> String {

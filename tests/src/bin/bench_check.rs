@@ -15,7 +15,6 @@ use std::{
 
 use anyhow::Result;
 use netaudit::{
-    chart::{Release, Values},
     check::Check,
     input::Document,
     inventory::Inventory,
@@ -151,18 +150,9 @@ fn main() -> Result<()> {
     let (policies, _) = policy::from_documents(rest)?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let flows = flows(&mut rng);
-    let values = Values::defaults();
-    let release = Release { name: "stageset-controller".into(), namespace: "default".into() };
     let matrix = Matrix::default_matrix();
     let run = |policies: &[policy::Policy]| -> Result<(f64, usize)> {
-        let check = Check {
-            inventory: &inv,
-            policies,
-            values: &values,
-            values_given: false,
-            release: &release,
-            matrix: &matrix,
-        };
+        let check = Check { inventory: &inv, policies, chart: None, matrix: &matrix };
         let t = Instant::now();
         let report = check.run(&flows)?;
         Ok((t.elapsed().as_secs_f64(), report.summary.cut))
