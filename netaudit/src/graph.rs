@@ -139,7 +139,7 @@ pub fn html(r: &Report, title: &str) -> String {
     for v in &r.verdicts {
         let _ = writeln!(
             rows,
-            "<tr class=\"{}\"><td>{}</td><td>{:?}</td><td>{}</td><td>{} → {}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{} → {}</td><td>{}</td><td>{}</td></tr>",
             if v.allowed { "ok" } else { "cut" },
             v.index,
             v.direction,

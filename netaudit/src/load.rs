@@ -38,9 +38,7 @@ impl Loaded {
     /// The cluster from its objects: inventory kinds and policies are read, other kinds noted
     /// as skipped.
     pub fn from_documents(docs: Vec<Document>) -> Result<Loaded, InputError> {
-        let mut inventory = Inventory::default();
-        let rest = inventory.add_documents(docs)?;
-        inventory.index();
+        let (mut inventory, rest) = Inventory::from_documents(docs)?;
         let (policies, skipped) = policy::from_documents(rest)?;
         for d in &skipped {
             inventory.note_skipped(d);

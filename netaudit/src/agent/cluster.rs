@@ -218,9 +218,10 @@ async fn wait_until_served(client: &Client, api: &Api<DynamicObject>, ar: &ApiRe
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 if !said {
                     tracing::info!(
-                        "{} ({}) is not served here: watching for its CRD, and looking again every {PROBE_PERIOD:?}",
+                        "{} ({}) is not served here: watching for its CRD, and looking again every {}",
                         ar.kind,
-                        ar.api_version
+                        ar.api_version,
+                        humantime::format_duration(PROBE_PERIOD)
                     );
                     said = true;
                 }
@@ -357,9 +358,8 @@ mod tests {
         slim("Pod")(&mut o);
         let doc = document(&ar, &o);
         assert!(doc.value.to_string().len() < 600, "{}", doc.value);
-        let mut inv = Inventory::default();
-        assert!(inv.add_documents(vec![doc]).unwrap().is_empty());
-        inv.index();
+        let (inv, rest) = Inventory::from_documents(vec![doc]).unwrap();
+        assert!(rest.is_empty());
         let p = inv.pod_by_ip("192.0.2.9".parse().unwrap()).unwrap();
         assert_eq!((p.node_name.as_deref(), p.service_account.as_deref()), (Some("n1"), Some("sa")));
         assert_eq!(p.named_port("http", crate::model::Protocol::Tcp), Some(8080));

@@ -70,6 +70,16 @@ pub enum Mode {
     Watch,
 }
 
+impl Mode {
+    /// As the flag and the config file spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Learn => "learn",
+            Mode::Watch => "watch",
+        }
+    }
+}
+
 /// The agent's whole configuration.
 #[derive(Clone, Debug)]
 pub struct Config {

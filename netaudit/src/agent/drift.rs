@@ -71,7 +71,7 @@ fn id(f: &Flow) -> FlowId {
 
 fn describe(v: &FlowVerdict) -> String {
     let port = v.dst.port.map(|p| format!(":{p}")).unwrap_or_default();
-    format!("{} {} {} -> {}{port}", format!("{:?}", v.direction).to_lowercase(), v.protocol, v.src.ip, v.dst.ip)
+    format!("{} {} {} -> {}{port}", v.direction, v.protocol, v.src.ip, v.dst.ip)
 }
 
 impl Detector {
@@ -167,27 +167,15 @@ mod tests {
         check::Check,
         inventory::Inventory,
         matrix::Matrix,
-        model::{Direction, Endpoint, Losses, Protocol},
+        model::{Direction, Losses, Protocol},
     };
 
     fn flow(dst: &str, port: u16, packets: u64) -> Flow {
-        Flow {
-            protocol: Protocol::Tcp,
-            src: Endpoint { ip: "10.0.0.5".parse().unwrap(), port: None, names: vec![], identity: None },
-            dst: Endpoint { ip: dst.parse().unwrap(), port: Some(port), names: vec![], identity: None },
-            direction: Some(Direction::Egress),
-            packets,
-            bytes: packets * 100,
-            packets_from_src: packets,
-            bytes_from_src: packets * 100,
-            packets_from_dst: 0,
-            bytes_from_dst: 0,
-            connections: 1,
-            first_seen: None,
-            last_seen: None,
-            cgroup: Some("/pod-a".into()),
-            internal: false,
-        }
+        Flow::new(Protocol::Tcp, "10.0.0.5".parse().unwrap(), dst.parse().unwrap(), Some(port))
+            .with_direction(Direction::Egress)
+            .with_traffic((packets, packets * 100), (0, 0))
+            .with_connections(1)
+            .in_cgroup("/pod-a")
     }
 
     /// Egress on, DNS only: every flow to port 443 is cut, and port 22 is also unexpected.

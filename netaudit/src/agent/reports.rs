@@ -126,31 +126,21 @@ pub async fn fetch(client: &Client, namespace: Option<&str>, target: Option<&str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, Flow, Losses, Protocol};
+    use crate::model::{Flow, Losses, Protocol};
 
     #[test]
     fn a_report_keeps_the_busiest_flows_that_fit_and_counts_the_rest() {
-        let flow = |i: u32| Flow {
-            protocol: Protocol::Tcp,
-            src: Endpoint { ip: "192.0.2.1".parse().unwrap(), port: None, names: vec![], identity: None },
-            dst: Endpoint {
-                ip: std::net::Ipv4Addr::from(0xc633_6400 + i).into(),
-                port: Some(443),
-                names: vec![format!("host-{i}.example.com"); 4],
-                identity: None,
-            },
-            direction: None,
-            packets: 1,
-            bytes: u64::from(i),
-            packets_from_src: 1,
-            bytes_from_src: 0,
-            packets_from_dst: 0,
-            bytes_from_dst: 0,
-            connections: 1,
-            first_seen: None,
-            last_seen: None,
-            cgroup: None,
-            internal: false,
+        let flow = |i: u32| {
+            let mut f = Flow::new(
+                Protocol::Tcp,
+                "192.0.2.1".parse().unwrap(),
+                std::net::Ipv4Addr::from(0xc633_6400 + i).into(),
+                Some(443),
+            )
+            .with_dst_names(vec![format!("host-{i}.example.com"); 4])
+            .with_connections(1);
+            (f.packets, f.bytes, f.packets_from_src) = (1, u64::from(i), 1);
+            f
         };
         let file = FlowFile {
             version: 1,

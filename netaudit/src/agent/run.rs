@@ -290,7 +290,7 @@ impl Agent {
         if self.cluster.generation == Some(generation) {
             return;
         }
-        let mut inventory = Inventory::default();
+        let mut inventory = Inventory::builder();
         let mut policies = Vec::new();
         let unreadable = &mut self.cluster.unreadable;
         live.for_each_document(|doc| {
@@ -305,8 +305,7 @@ impl Agent {
                 }
             }
         });
-        inventory.index();
-        self.cluster.inventory = inventory;
+        self.cluster.inventory = inventory.build();
         self.cluster.policies = policies;
         self.cluster.generation = Some(generation);
     }
@@ -438,7 +437,7 @@ impl Agent {
         let why = match tokio::time::timeout(API_CALL_TIMEOUT, client.apiserver_version()).await {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {API_CALL_TIMEOUT:?}")),
+            Err(_) => Some(format!("no answer within {}", humantime::format_duration(API_CALL_TIMEOUT))),
         };
         match (&self.api.1, &why) {
             (None, Some(w)) => tracing::warn!("the API server is unreachable (recording goes on): {w}"),
@@ -532,7 +531,7 @@ impl Agent {
                 }
                 Err(_) => {
                     self.metrics.report_errors.inc();
-                    tracing::warn!(pod = %pod.id(), "writing the FlowReport: no answer within {API_CALL_TIMEOUT:?} (retried)");
+                    tracing::warn!(pod = %pod.id(), "writing the FlowReport: no answer within {} (retried)", humantime::format_duration(API_CALL_TIMEOUT));
                 }
             }
         }

@@ -217,10 +217,10 @@ impl Capture {
         let serving = sockets::serving_ports(&cgroup::pids_under(&dir), self.ephemeral);
         if !serving.unreadable.is_empty() {
             tracing::warn!(
-                "cannot read the sockets of process(es) {:?} in {} (they belong to another user: reading them \
+                "cannot read the sockets of process(es) {} in {} (they belong to another user: reading them \
                  needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH); connections they opened before recording may be \
                  recorded with the wrong initiator",
-                serving.unreadable,
+                serving.unreadable.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
                 dir.display()
             );
         }
@@ -480,8 +480,9 @@ fn unpin_links(paths: &[PathBuf]) -> Result<()> {
 /// Pins must live on a bpffs; say how to get one rather than failing in the middle of a pin.
 pub fn check_bpffs(dir: &std::path::Path) -> Result<()> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).context("pin directory path")?;
-    // SAFETY: statfs writes into the zeroed struct we own.
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a struct we own for statfs to fill.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         anyhow::bail!("pin directory {}: {}", dir.display(), std::io::Error::last_os_error());
     }
@@ -613,24 +614,11 @@ mod tests {
     use super::*;
 
     fn flow(direction: Direction, src: &str, dst: &str, port: u16) -> Flow {
-        let ep = |ip: &str, port| Endpoint { ip: ip.parse().unwrap(), port, names: Vec::new(), identity: None };
-        Flow {
-            protocol: Protocol::Tcp,
-            src: ep(src, None),
-            dst: ep(dst, Some(port)),
-            direction: Some(direction),
-            packets: 1,
-            bytes: 1,
-            packets_from_src: 1,
-            bytes_from_src: 1,
-            packets_from_dst: 0,
-            bytes_from_dst: 0,
-            connections: 1,
-            first_seen: None,
-            last_seen: None,
-            cgroup: Some("/cg".into()),
-            internal: false,
-        }
+        Flow::new(Protocol::Tcp, src.parse().unwrap(), dst.parse().unwrap(), Some(port))
+            .with_direction(direction)
+            .with_traffic((1, 1), (0, 0))
+            .with_connections(1)
+            .in_cgroup("/cg")
     }
 
     #[test]

@@ -5,7 +5,10 @@ use std::net::IpAddr;
 use crate::{
     inventory::{Inventory, Owner},
     model::{Direction, Protocol},
-    policy::{Engine, evaluate::SideVerdict},
+    policy::{
+        Engine,
+        evaluate::{Decider, SideVerdict},
+    },
     resolve::Party,
 };
 
@@ -31,13 +34,13 @@ pub(super) fn fix(c: &Cut<'_, '_>, inv: &Inventory) -> String {
         Direction::Ingress => c.src,
     };
     if let Some(p) = &s.policy
-        && s.tier != "namespaced"
+        && s.tier != Decider::Namespaced
     {
         return format!(
             "{} {} decides this ({} tier): change that rule, or ask its owner",
             p,
             s.rule.as_deref().unwrap_or(""),
-            s.tier
+            s.tier.name()
         );
     }
     // The workload opened the connection but the server's own ingress policy cut it.

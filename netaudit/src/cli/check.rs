@@ -176,7 +176,7 @@ fn table(r: &Report, matrix: &Matrix) -> String {
             "{:<5} #{:<3} {:<7} {}{}  {} ({}) -> {} ({}){}  row: {}\n",
             if v.allowed { "ok" } else { "CUT" },
             v.index,
-            format!("{:?}", v.direction).to_lowercase(),
+            v.direction.to_string(),
             v.protocol,
             port,
             v.src.ip,
@@ -217,7 +217,7 @@ fn table(r: &Report, matrix: &Matrix) -> String {
         }
     }
     if r.losses.any() {
-        out += &format!("\nLosses while recording: {:?}\n", r.losses);
+        out += &format!("\nLosses while recording: {}\n", r.losses);
     }
     if !r.notes.is_empty() {
         out += "\nNotes:\n";

@@ -181,7 +181,7 @@ fn record(lab: &Lab, values: &Values, args: &Args, stop: &AtomicBool) -> Result<
     let flows = capture.stop()?;
     say(&format!("recorded {} flows", flows.flows.len()));
     if flows.losses.any() {
-        say(&format!("WARNING: losses while recording: {:?}", flows.losses));
+        say(&format!("WARNING: losses while recording: {}", flows.losses));
     }
     Ok(flows)
 }
@@ -195,7 +195,7 @@ fn summary(r: &Report, proposal_yaml: &str, engine: Engine, dir: &Path) -> Strin
         let row = v.matrix.label();
         s += &format!(
             "  {:<7} {:<9} {} ({}) -> {} ({}){names}   row: {row}\n",
-            format!("{:?}", v.direction).to_lowercase(),
+            v.direction.to_string(),
             format!("{}{port}", v.protocol),
             v.src.ip,
             v.src.identity,

@@ -166,7 +166,7 @@ fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
         } else {
             a.targets.iter().map(|t| format!("{}={}/{}", t.name, t.namespace, t.selector)).collect()
         },
-        mode: format!("{:?}", a.mode).to_lowercase(),
+        mode: a.mode.name().to_string(),
         values,
     };
     emit(&bundle_yaml(&o)?)?;

@@ -128,6 +128,24 @@ pub struct Inventory {
 }
 
 /// Who owns an address.
+/// Collects objects for an [`Inventory`]; [`InventoryBuilder::build`] indexes them, so no
+/// inventory is ever asked a question before its indexes exist.
+#[derive(Debug)]
+pub struct InventoryBuilder(Inventory);
+
+impl InventoryBuilder {
+    /// Adds the inventory kinds among `docs`; returns the others. On error nothing of the failing
+    /// document was added.
+    pub fn add_documents(&mut self, docs: Vec<Document>) -> Result<Vec<Document>, InputError> {
+        self.0.add_documents(docs)
+    }
+
+    pub fn build(mut self) -> Inventory {
+        self.0.index();
+        self.0
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Owner<'a> {
     Pod(&'a PodInfo),
@@ -143,15 +161,23 @@ impl Inventory {
     /// Reads an inventory file. Returns the inventory and the documents it did not consume (for
     /// the policy loader).
     pub fn load(path: &Path) -> Result<(Inventory, Vec<Document>), InputError> {
-        let docs = crate::input::read_objects(path)?;
-        let mut inv = Inventory::default();
-        let rest = inv.add_documents(docs)?;
-        inv.index();
-        Ok((inv, rest))
+        Inventory::from_documents(crate::input::read_objects(path)?)
+    }
+
+    /// The inventory of `docs`; returns it and the documents that are not inventory kinds.
+    pub fn from_documents(docs: Vec<Document>) -> Result<(Inventory, Vec<Document>), InputError> {
+        let mut b = Inventory::builder();
+        let rest = b.add_documents(docs)?;
+        Ok((b.build(), rest))
+    }
+
+    /// An inventory built object by object (the agent adds what it can read, skipping the rest).
+    pub fn builder() -> InventoryBuilder {
+        InventoryBuilder(Inventory::default())
     }
 
     /// Adds the inventory kinds among `docs`; returns the others.
-    pub fn add_documents(&mut self, docs: Vec<Document>) -> Result<Vec<Document>, InputError> {
+    fn add_documents(&mut self, docs: Vec<Document>) -> Result<Vec<Document>, InputError> {
         let mut rest = Vec::new();
         for doc in docs {
             match (doc.api_version(), doc.kind()) {
@@ -319,7 +345,7 @@ impl Inventory {
 
     /// Builds the lookup indexes. Host-network pods share their node's address: that address is
     /// the node's (policies see node traffic there, not a pod).
-    pub fn index(&mut self) {
+    fn index(&mut self) {
         self.pod_by_ip.clear();
         self.service_by_ip.clear();
         self.node_by_ip.clear();

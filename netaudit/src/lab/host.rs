@@ -178,7 +178,7 @@ impl Actor {
         }
         let status = self.child.wait()?;
         if !status.success() {
-            bail!("the lab's {} failed: {status}; output: {lines:?}", self.name);
+            bail!("the lab's {} failed: {status}; output:\n{}", self.name, lines.join("\n"));
         }
         Ok(lines)
     }

@@ -35,6 +35,34 @@ pub struct Conn<'a> {
     pub port: Option<u16>,
 }
 
+/// Which stage of the dataplane's order decided an end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decider {
+    /// ClusterNetworkPolicy's Admin tier.
+    Admin,
+    /// NetworkPolicy, Cilium and Calico policies (and isolation's default deny).
+    Namespaced,
+    /// ClusterNetworkPolicy's Baseline tier.
+    Baseline,
+    /// No policy isolates the pod: allowed.
+    Default,
+    /// Traffic from the pod's own node, which policy never blocks.
+    OwnNode,
+}
+
+impl Decider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Decider::Admin => "admin",
+            Decider::Namespaced => "namespaced",
+            Decider::Baseline => "baseline",
+            Decider::Default => "default",
+            Decider::OwnNode => "own-node",
+        }
+    }
+}
+
 /// How one end decided.
 #[derive(Clone, Debug, Serialize)]
 pub struct SideVerdict {
@@ -43,7 +71,7 @@ pub struct SideVerdict {
     pub pod: String,
     pub allowed: bool,
     /// `admin`, `namespaced`, `baseline`, `default` or `own-node`.
-    pub tier: &'static str,
+    pub tier: Decider,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<std::sync::Arc<PolicyId>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,13 +158,13 @@ impl<'a> Evaluator<'a> {
                 m.what(),
                 n.name
             );
-            return m.verdict(true, "own-node", None, reason);
+            return m.verdict(true, Decider::OwnNode, None, reason);
         }
-        if let Tiered::Decided(v) = m.tier("admin", self.admin.iter().copied()) {
+        if let Tiered::Decided(v) = m.tier(Decider::Admin, self.admin.iter().copied()) {
             return v;
         }
         let selecting = self.selecting(subject, side);
-        match m.tier("namespaced", selecting.iter().map(|&i| self.namespaced[i])) {
+        match m.tier(Decider::Namespaced, selecting.iter().map(|&i| self.namespaced[i])) {
             Tiered::Decided(v) => return v,
             Tiered::Passed => {}
             Tiered::NoMatch => {
@@ -155,17 +183,17 @@ impl<'a> Evaluator<'a> {
                         names.join(", "),
                         m.what()
                     );
-                    let mut v = m.verdict(false, "namespaced", None, reason);
+                    let mut v = m.verdict(false, Decider::Namespaced, None, reason);
                     v.isolated_by = names;
                     return v;
                 }
             }
         }
-        if let Tiered::Decided(v) = m.tier("baseline", self.baseline.iter().copied()) {
+        if let Tiered::Decided(v) = m.tier(Decider::Baseline, self.baseline.iter().copied()) {
             return v;
         }
         let reason = format!("no policy isolates {} for {}: {} is allowed", subject.id(), side_name(side), m.what());
-        m.verdict(true, "default", None, reason)
+        m.verdict(true, Decider::Default, None, reason)
     }
 
     /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
@@ -231,11 +259,11 @@ enum Tiered {
 
 impl Match<'_, '_> {
     /// Walks the policies of one tier in precedence order: the first matching rule's action decides.
-    fn tier<'p>(&self, tier: &'static str, policies: impl Iterator<Item = &'p Policy>) -> Tiered {
+    fn tier<'p>(&self, tier: Decider, policies: impl Iterator<Item = &'p Policy>) -> Tiered {
         for p in policies {
             if let Some((r, action)) = self.first_rule(p) {
                 let verb = match (action, tier) {
-                    (Action::Allow, "namespaced") => "allowed",
+                    (Action::Allow, Decider::Namespaced) => "allowed",
                     (Action::Allow, _) => "accepted",
                     (Action::Deny, _) => "denied",
                     (Action::Pass, _) => return Tiered::Passed,
@@ -248,7 +276,7 @@ impl Match<'_, '_> {
         Tiered::NoMatch
     }
 
-    fn verdict(&self, allowed: bool, tier: &'static str, by: Option<(&Policy, &Rule)>, reason: String) -> SideVerdict {
+    fn verdict(&self, allowed: bool, tier: Decider, by: Option<(&Policy, &Rule)>, reason: String) -> SideVerdict {
         SideVerdict {
             side: self.side,
             pod: self.subject.id(),

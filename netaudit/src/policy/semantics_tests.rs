@@ -61,9 +61,8 @@ fn endpoint<'a>(inv: &'a Inventory, s: &str, names: &'a [String]) -> Party<'a> {
 
 /// Runs `cases` ("src dst PROTO/port allowed|cut [name]") against `policies` in the test cluster.
 fn check(policies: &str, cases: &[&str]) {
-    let mut inv = Inventory::default();
-    assert!(inv.add_documents(docs(CLUSTER)).unwrap().is_empty());
-    inv.index();
+    let (inv, rest) = Inventory::from_documents(docs(CLUSTER)).unwrap();
+    assert!(rest.is_empty());
     let (ps, rest) = super::from_documents(docs(policies)).unwrap();
     assert!(rest.is_empty());
     let ev = Evaluator::new(&inv, &ps);

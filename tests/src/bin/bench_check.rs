@@ -19,7 +19,7 @@ use netaudit::{
     input::Document,
     inventory::Inventory,
     matrix::Matrix,
-    model::{Direction, Endpoint, Flow, FlowFile, Losses, Protocol},
+    model::{Direction, Flow, FlowFile, Protocol},
     policy,
 };
 use serde_json::{Value, json};
@@ -100,7 +100,6 @@ fn cluster(rng: &mut Lcg) -> Vec<Document> {
 }
 
 fn flows(rng: &mut Lcg) -> FlowFile {
-    let ep = |ip: IpAddr, port: Option<u16>| Endpoint { ip, port, names: Vec::new(), identity: None };
     let ports = [80u16, 443, 8080, 9050, 53, 5432];
     let flows = (0..FLOWS)
         .map(|i| {
@@ -113,26 +112,13 @@ fn flows(rng: &mut Lcg) -> FlowFile {
             };
             let port = if i % 10 >= 5 && i % 10 <= 6 { 80 } else { ports[rng.next(ports.len())] };
             let protocol = if port == 53 { Protocol::Udp } else { Protocol::Tcp };
-            Flow {
-                protocol,
-                src: ep(src, None),
-                dst: ep(dst, Some(port)),
-                direction: Some(direction),
-                packets: 1,
-                bytes: 100,
-                packets_from_src: 1,
-                bytes_from_src: 100,
-                packets_from_dst: 0,
-                bytes_from_dst: 0,
-                connections: 1,
-                first_seen: None,
-                last_seen: None,
-                cgroup: None,
-                internal: false,
-            }
+            Flow::new(protocol, src, dst, Some(port))
+                .with_direction(direction)
+                .with_traffic((1, 100), (0, 0))
+                .with_connections(1)
         })
         .collect();
-    FlowFile { version: 1, window: None, sources: Vec::new(), losses: Losses::default(), flows }
+    FlowFile::new(flows)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -144,9 +130,7 @@ fn main() -> Result<()> {
     let mut rng = Lcg(42);
     let docs = cluster(&mut rng);
     let t = Instant::now();
-    let mut inv = Inventory::default();
-    let rest = inv.add_documents(docs)?;
-    inv.index();
+    let (inv, rest) = Inventory::from_documents(docs)?;
     let (policies, _) = policy::from_documents(rest)?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let flows = flows(&mut rng);
