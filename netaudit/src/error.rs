@@ -105,12 +105,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Serializing an artefact failed (a bug, not the user's input).
-    #[error("serializing {what}: {source}")]
-    Serialize {
+    /// Writing an artefact as YAML failed (a bug, not the user's input).
+    #[error("writing {what} as YAML: {source}")]
+    Yaml {
         what: &'static str,
         #[source]
-        source: serde_json::Error,
+        source: serde_saphyr::SerializeError,
     },
 }
 

@@ -72,7 +72,7 @@ impl Loaded {
         self.notes.extend(notes);
         let chart = Chart { values, release };
         let rendered = chart.policies()?;
-        if !chart.values.bool("networkPolicy.enabled")? {
+        if !chart.values.chart.network_policy.enabled {
             self.notes
                 .push(format!("{}: networkPolicy.enabled is false: the chart renders no policy", chart.values.origin));
         }

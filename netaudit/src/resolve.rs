@@ -123,7 +123,7 @@ impl<'a> Resolver<'a> {
             None => Labels::from([("app.kubernetes.io/name".to_string(), CHART_NAME.to_string())]),
         };
         let mut r = Resolver { inv, workload, synthesized: Vec::new(), notes: Vec::new() };
-        let template = chart.map(|c| c.values.workload_pod(&c.release)).transpose()?;
+        let template = chart.map(|c| c.values.workload_pod(&c.release));
         let mut unknown = BTreeSet::new();
         for f in flows {
             let w = match r.direction(f) {

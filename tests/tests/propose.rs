@@ -240,3 +240,17 @@ fn cli_output_is_deterministic_and_atomic() {
         assert!(std::fs::read_to_string(&out).unwrap().contains("kind: CiliumNetworkPolicy"));
     }
 }
+
+#[test]
+fn the_printed_values_read_back_as_the_proposals_values() {
+    let fx = fixture();
+    for engine in Engine::ALL {
+        for include_unexpected in [false, true] {
+            let p = proposal(&fx, engine, include_unexpected);
+            let text = render::values_yaml(&p).unwrap();
+            let docs = netaudit::input::parse_values(&text).unwrap();
+            assert_eq!(docs.len(), 1, "{engine}: {text}");
+            assert_eq!(docs[0], render::values(&p, None), "{engine}: the comments must not change the values:\n{text}");
+        }
+    }
+}

@@ -1,32 +1,31 @@
 //! The audited chart (stageset-controller) as a policy source: its values, merged over the
-//! chart's defaults as Helm merges them, rendered in memory into exactly the objects the chart's
-//! templates render per engine (../shared/CHART.md). The rendered objects go through the same
-//! policy parsers as any manifest, so `--values` and `--policy rendered.yaml` judge alike.
+//! chart's defaults as Helm merges them and read as types ([`values`]), rendered in memory into
+//! exactly the objects the chart's templates render per engine ([`render`], ../shared/CHART.md).
+//! The rendered objects go through the same policy parsers as any manifest, so `--values` and
+//! `--policy rendered.yaml` judge alike.
+
+mod render;
+pub mod values;
 
 use std::path::Path;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
+pub use self::values::ChartValues;
 use crate::{
     error::{FieldError, InputError},
     input::{Document, type_name},
-    inventory::{ContainerPort, Labels, NAMESPACE_NAME_LABEL, PodInfo},
-    model::{DNS_PORT, Protocol},
-    policy::{Engine, Policy, cilium},
+    inventory::{ContainerPort, Labels, PodInfo},
+    model::Protocol,
+    policy::{Engine, Policy},
 };
 
 pub const CHART_NAME: &str = "stageset-controller";
 const DEFAULTS: &str = include_str!("defaults.yaml");
 
-/// The controller's ingress ports in the order the chart renders their rules: the port name
-/// (also the container port's name and the `ports.<name>` value) and the value that enables it.
-pub const INGRESS_PORTS: [(&str, Option<&str>); 5] = [
-    ("health", None),
-    ("webhook", Some("webhook.enabled")),
-    ("metrics", None),
-    ("gate", Some("gate.enabled")),
-    ("mcp", Some("mcp.enabled")),
-];
+/// The controller's ingress ports in the order the chart renders their rules, by name (also
+/// the container port's name and the `ports.<name>` value).
+pub const INGRESS_PORTS: [&str; 5] = ["health", "webhook", "metrics", "gate", "mcp"];
 
 /// Where the chart is installed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,12 +85,12 @@ pub struct Chart {
 impl Chart {
     /// The policies the chart renders (none when `networkPolicy.enabled` is false).
     pub fn policies(&self) -> Result<Vec<Policy>, InputError> {
-        Ok(crate::policy::from_documents(self.values.render(&self.release)?)?.0)
+        Ok(crate::policy::from_documents(self.values.render(&self.release))?.0)
     }
 
-    /// The policy engine the values select (checked when the values were loaded).
-    pub fn engine(&self) -> Option<Engine> {
-        self.values.engine().ok()
+    /// The policy engine the values select.
+    pub fn engine(&self) -> Engine {
+        self.values.engine()
     }
 }
 
@@ -107,13 +106,17 @@ pub fn default_values() -> &'static Values {
 pub struct Values {
     /// The file they came from, for messages.
     pub origin: String,
+    /// What the chart's templates read.
+    pub chart: ChartValues,
+    /// The merged tree, for the values a matrix names by path (`when: rollbackStore.backend == s3`):
+    /// a matrix is data and may name any value.
     root: Value,
 }
 
 impl Values {
     /// The chart's defaults alone (what an install without a values file gets).
     pub fn defaults() -> Values {
-        Values { origin: "chart defaults".into(), root: defaults() }
+        Values::read("chart defaults".into(), defaults()).expect("the chart's defaults read")
     }
 
     pub fn load(path: &Path) -> Result<Values, InputError> {
@@ -132,21 +135,22 @@ impl Values {
         };
         let mut root = defaults();
         merge(&mut root, user);
-        let v = Values { origin, root };
-        v.validate()?;
-        Ok(v)
+        Values::read(origin, root)
     }
 
     /// These values with `over` merged on top (Helm's merge), checked like a values file.
     pub fn with_overrides(&self, over: Value) -> Result<Values, InputError> {
         let mut root = self.root.clone();
         merge(&mut root, over);
-        let v = Values { origin: format!("proposed values over {}", self.origin), root };
-        v.validate()?;
-        Ok(v)
+        Values::read(format!("proposed values over {}", self.origin), root)
     }
 
-    /// The value at a dotted path (`networkPolicy.egress.enabled`).
+    fn read(origin: String, root: Value) -> Result<Values, InputError> {
+        let chart = crate::input::from_value(&root).map_err(|e| InputError::at(&origin, None, e))?;
+        Ok(Values { origin, chart, root })
+    }
+
+    /// The value at a dotted path (`networkPolicy.egress.enabled`), for the matrix.
     pub fn get(&self, path: &str) -> Option<&Value> {
         path.split('.').try_fold(&self.root, |v, k| v.get(k))
     }
@@ -155,14 +159,7 @@ impl Values {
         InputError::at(&self.origin, None, FieldError::new(path, msg.to_string()))
     }
 
-    pub fn bool(&self, path: &str) -> Result<bool, InputError> {
-        match self.get(path) {
-            None | Some(Value::Null) => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => Err(self.err(path, format!("expected true or false, found {}", type_name(other)))),
-        }
-    }
-
+    /// A string the matrix names by path (a host, an endpoint); absent or null is empty.
     pub fn str(&self, path: &str) -> Result<String, InputError> {
         match self.get(path) {
             None | Some(Value::Null) => Ok(String::new()),
@@ -171,6 +168,7 @@ impl Values {
         }
     }
 
+    /// A port the matrix names by path (`ports.webhook`).
     pub fn port(&self, path: &str) -> Result<u16, InputError> {
         match self.get(path) {
             Some(Value::Number(n)) => n
@@ -183,30 +181,12 @@ impl Values {
         }
     }
 
-    fn int(&self, path: &str) -> Result<i64, InputError> {
-        match self.get(path) {
-            Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64().unwrap()),
-            Some(other) => Err(self.err(path, format!("expected a whole number, found {other}"))),
-            None => Err(self.err(path, "missing; set a number")),
-        }
+    pub fn engine(&self) -> Engine {
+        self.chart.network_policy.engine
     }
 
-    /// A list value (a passthrough rule list); absent or null is empty.
-    pub fn list(&self, path: &str) -> Result<Vec<Value>, InputError> {
-        match self.get(path) {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(v)) => Ok(v.clone()),
-            Some(other) => Err(self.err(path, format!("expected a list, found {}", type_name(other)))),
-        }
-    }
-
-    pub fn engine(&self) -> Result<Engine, InputError> {
-        let s = self.str("networkPolicy.engine")?;
-        s.parse().map_err(|e: FieldError| self.err("networkPolicy.engine", e.message))
-    }
-
-    /// Whether a condition such as `webhook.enabled`, `controller.tracing.endpoint` (a non-empty
-    /// string) or `rollbackStore.backend == s3` holds.
+    /// Whether a matrix condition such as `webhook.enabled`, `controller.tracing.endpoint` (a
+    /// non-empty string) or `rollbackStore.backend == s3` holds.
     pub fn condition(&self, cond: &str) -> Result<bool, InputError> {
         if let Some((path, want)) = cond.split_once("==") {
             return Ok(self.str(path.trim())? == want.trim());
@@ -221,67 +201,44 @@ impl Values {
         })
     }
 
-    /// Checks every value the renderer reads, so a mistake is reported once, with its path.
-    fn validate(&self) -> Result<(), InputError> {
-        self.engine()?;
-        for (name, cond) in INGRESS_PORTS {
-            self.port(&format!("ports.{name}"))?;
-            if let Some(c) = cond {
-                self.bool(c)?;
-            }
-        }
-        for p in [
-            "networkPolicy.enabled",
-            "networkPolicy.defaultDeny.enabled",
-            "networkPolicy.egress.enabled",
-            "networkPolicy.egress.dns",
-        ] {
-            self.bool(p)?;
-        }
-        self.int("networkPolicy.defaultDeny.order")?;
-        self.int("networkPolicy.clusterNetworkPolicy.priority")?;
-        self.str("networkPolicy.egress.dnsNamespace")?;
-        for p in [
-            "networkPolicy.webhook.from",
-            "networkPolicy.metrics.from",
-            "networkPolicy.gate.from",
-            "networkPolicy.mcp.from",
-            "networkPolicy.additionalIngress",
-            "networkPolicy.egress.to",
-        ] {
-            self.list(p)?;
-        }
-        for e in [Engine::Cilium, Engine::Calico, Engine::ClusterNetworkPolicy] {
-            self.list(&format!("networkPolicy.{}.ingress", e.name()))?;
-            self.list(&format!("networkPolicy.{}.egress", e.name()))?;
-        }
-        self.str("rollbackStore.backend")?;
-        self.str("rollbackStore.s3.endpoint")?;
-        self.str("controller.tracing.endpoint")?;
-        Ok(())
+    /// The ingress ports the chart renders a rule for, in [`INGRESS_PORTS`] order, with their
+    /// numbers: health and metrics always, the others when enabled.
+    pub fn enabled_ports(&self) -> Vec<(&'static str, u16)> {
+        let (c, p) = (&self.chart, &self.chart.ports);
+        INGRESS_PORTS
+            .into_iter()
+            .filter_map(|name| match name {
+                "health" => Some((name, p.health)),
+                "metrics" => Some((name, p.metrics)),
+                "webhook" => c.webhook.enabled.then_some((name, p.webhook)),
+                "gate" => c.gate.enabled.then_some((name, p.gate)),
+                "mcp" => c.mcp.enabled.then_some((name, p.mcp)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Helm's `fullname`: `fullnameOverride`, else the release name when it already contains the
     /// chart name, else `<release>-<chart>`; at most 63 characters.
     pub fn fullname(&self, release: &Release) -> String {
-        let over = self.get("fullnameOverride").and_then(Value::as_str).unwrap_or("");
+        let over = &self.chart.fullname_override;
         let name = if !over.is_empty() {
-            over.to_string()
+            over.clone()
         } else {
             let chart = self.chart_name();
-            if release.name.contains(&chart) { release.name.clone() } else { format!("{}-{chart}", release.name) }
+            if release.name.contains(chart) { release.name.clone() } else { format!("{}-{chart}", release.name) }
         };
         name.chars().take(63).collect::<String>().trim_end_matches('-').to_string()
     }
 
-    fn chart_name(&self) -> String {
-        self.get("nameOverride").and_then(Value::as_str).filter(|s| !s.is_empty()).unwrap_or(CHART_NAME).to_string()
+    fn chart_name(&self) -> &str {
+        Some(self.chart.name_override.as_str()).filter(|s| !s.is_empty()).unwrap_or(CHART_NAME)
     }
 
     /// The labels the chart's policies select the controller pods by.
     pub fn selector_labels(&self, release: &Release) -> Labels {
         Labels::from([
-            ("app.kubernetes.io/name".to_string(), self.chart_name()),
+            ("app.kubernetes.io/name".to_string(), self.chart_name().to_string()),
             ("app.kubernetes.io/component".to_string(), "controller".to_string()),
             ("app.kubernetes.io/instance".to_string(), release.name.clone()),
             ("app.kubernetes.io/part-of".to_string(), CHART_NAME.to_string()),
@@ -290,18 +247,9 @@ impl Values {
 
     /// The controller pod as the chart defines it (labels, named ports), for flows whose pod the
     /// inventory does not hold.
-    pub fn workload_pod(&self, release: &Release) -> Result<PodInfo, InputError> {
-        let mut ports = Vec::new();
-        for (name, cond) in INGRESS_PORTS {
-            if cond.map(|c| self.bool(c)).transpose()?.unwrap_or(true) {
-                ports.push(ContainerPort {
-                    name: Some(name.into()),
-                    port: self.port(&format!("ports.{name}"))?,
-                    protocol: Protocol::Tcp,
-                });
-            }
-        }
-        Ok(PodInfo {
+    pub fn workload_pod(&self, release: &Release) -> PodInfo {
+        let ports = self.enabled_ports().into_iter();
+        PodInfo {
             namespace: release.namespace.clone(),
             name: format!("{} (from {})", self.fullname(release), self.origin),
             labels: self.selector_labels(release),
@@ -309,196 +257,16 @@ impl Values {
             node_name: None,
             host_network: false,
             service_account: None,
-            ports,
-        })
+            ports: ports
+                .map(|(n, port)| ContainerPort { name: Some(n.into()), port, protocol: Protocol::Tcp })
+                .collect(),
+        }
     }
 
     /// The objects the chart renders for its `networkPolicy` block (none when it is disabled).
-    pub fn render(&self, release: &Release) -> Result<Vec<Document>, InputError> {
-        if !self.bool("networkPolicy.enabled")? {
-            return Ok(Vec::new());
-        }
-        let engine = self.engine()?;
-        let name = self.fullname(release);
-        let ns = release.namespace.as_str();
-        let egress = self.bool("networkPolicy.egress.enabled")?;
-        let dns = egress && self.bool("networkPolicy.egress.dns")?;
-        let dns_ns = self.str("networkPolicy.egress.dnsNamespace")?;
-        let mut ports = Vec::new();
-        for (port_name, cond) in INGRESS_PORTS {
-            if cond.map(|c| self.bool(c)).transpose()?.unwrap_or(true) {
-                ports.push((port_name, self.port(&format!("ports.{port_name}"))?));
-            }
-        }
-        let labels = self.selector_labels(release);
-        let mut objects = Vec::new();
-        let passthrough = |dir: &str| self.list(&format!("networkPolicy.{}.{dir}", engine.name()));
-        match engine {
-            Engine::Kubernetes => {
-                let mut ingress = Vec::new();
-                for (port_name, _) in &ports {
-                    let mut rule = json!({"ports": [{"port": port_name, "protocol": "TCP"}]});
-                    if *port_name != "health" {
-                        let from = self.list(&format!("networkPolicy.{port_name}.from"))?;
-                        if !from.is_empty() {
-                            rule["from"] = Value::Array(from);
-                        }
-                    }
-                    ingress.push(rule);
-                }
-                ingress.extend(self.list("networkPolicy.additionalIngress")?);
-                let mut spec = json!({
-                    "podSelector": {"matchLabels": labels},
-                    "policyTypes": if egress { json!(["Ingress", "Egress"]) } else { json!(["Ingress"]) },
-                    "ingress": ingress,
-                });
-                if egress {
-                    let mut rules = Vec::new();
-                    if dns {
-                        rules.push(json!({
-                            "to": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: dns_ns}}}],
-                            "ports": [{"protocol": "UDP", "port": DNS_PORT}, {"protocol": "TCP", "port": DNS_PORT}],
-                        }));
-                    }
-                    rules.extend(self.list("networkPolicy.egress.to")?);
-                    spec["egress"] = Value::Array(rules);
-                }
-                objects.push(object(engine, &name, Some(ns), spec));
-            }
-            Engine::Cilium => {
-                let to_ports: Vec<Value> =
-                    ports.iter().map(|(_, p)| json!({"ports": [{"port": p.to_string(), "protocol": "TCP"}]})).collect();
-                let mut ingress = vec![json!({"toPorts": to_ports})];
-                ingress.extend(passthrough("ingress")?);
-                let mut spec = json!({"endpointSelector": {"matchLabels": labels}, "ingress": ingress});
-                if egress {
-                    let mut rules = Vec::new();
-                    if dns {
-                        rules.push(json!({
-                            "toEndpoints": [{"matchLabels": {
-                                format!("k8s:{}", cilium::NAMESPACE_LABEL): dns_ns,
-                                "k8s:k8s-app": "kube-dns",
-                            }}],
-                            "toPorts": [{
-                                "ports": [{"port": DNS_PORT.to_string(), "protocol": "UDP"}, {"port": DNS_PORT.to_string(), "protocol": "TCP"}],
-                                "rules": {"dns": [{"matchPattern": "*"}]},
-                            }],
-                        }));
-                    }
-                    rules.extend(passthrough("egress")?);
-                    spec["egress"] = Value::Array(rules);
-                }
-                objects.push(object(engine, &name, Some(ns), spec));
-            }
-            Engine::Calico => {
-                let mut ingress: Vec<Value> = ports
-                    .iter()
-                    .map(|(_, p)| json!({"action": "Allow", "protocol": "TCP", "destination": {"ports": [p]}}))
-                    .collect();
-                ingress.extend(passthrough("ingress")?);
-                let selector = ["app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/instance"]
-                    .iter()
-                    .map(|k| format!("{k} == '{}'", labels[*k]))
-                    .collect::<Vec<_>>()
-                    .join(" && ");
-                let mut spec = json!({
-                    "selector": selector,
-                    "types": if egress { json!(["Ingress", "Egress"]) } else { json!(["Ingress"]) },
-                    "ingress": ingress,
-                });
-                if egress {
-                    let mut rules = Vec::new();
-                    if dns {
-                        for proto in ["UDP", "TCP"] {
-                            rules.push(
-                                json!({"action": "Allow", "protocol": proto, "destination": {"ports": [DNS_PORT]}}),
-                            );
-                        }
-                    }
-                    rules.extend(passthrough("egress")?);
-                    spec["egress"] = Value::Array(rules);
-                }
-                objects.push(object(engine, &name, Some(ns), spec));
-            }
-            Engine::ClusterNetworkPolicy => {
-                let mut ingress: Vec<Value> = ports
-                    .iter()
-                    .map(|(n, p)| {
-                        json!({"name": n, "action": "Accept", "from": [{"namespaces": {}}],
-                               "protocols": [{"tcp": {"destinationPort": {"number": p}}}]})
-                    })
-                    .collect();
-                ingress.extend(passthrough("ingress")?);
-                let mut spec = json!({
-                    "tier": "Baseline",
-                    "priority": self.int("networkPolicy.clusterNetworkPolicy.priority")?,
-                    "subject": {"pods": {
-                        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}},
-                        "podSelector": {"matchLabels": labels},
-                    }},
-                    "ingress": ingress,
-                });
-                if egress {
-                    let mut rules = Vec::new();
-                    if dns {
-                        rules.push(json!({
-                            "name": "dns", "action": "Accept",
-                            "to": [{"namespaces": {"matchLabels": {NAMESPACE_NAME_LABEL: dns_ns}}}],
-                            "protocols": [{"udp": {"destinationPort": {"number": DNS_PORT}}}, {"tcp": {"destinationPort": {"number": DNS_PORT}}}],
-                        }));
-                    }
-                    rules.extend(passthrough("egress")?);
-                    spec["egress"] = Value::Array(rules);
-                }
-                objects.push(object(engine, &format!("{CHART_NAME}-{ns}"), None, spec));
-            }
-        }
-        if self.bool("networkPolicy.defaultDeny.enabled")? {
-            let order = self.int("networkPolicy.defaultDeny.order")?;
-            let deny_name = match engine {
-                Engine::ClusterNetworkPolicy => format!("{CHART_NAME}-{ns}-default-deny"),
-                _ => format!("{name}-default-deny"),
-            };
-            let types = if egress { json!(["Ingress", "Egress"]) } else { json!(["Ingress"]) };
-            let (spec, namespace) = match engine {
-                Engine::Kubernetes => (json!({"podSelector": {}, "policyTypes": types}), Some(ns)),
-                Engine::Cilium => {
-                    let mut spec = json!({"endpointSelector": {}, "ingress": []});
-                    if egress {
-                        spec["egress"] = json!([]);
-                    }
-                    (spec, Some(ns))
-                }
-                Engine::Calico => (json!({"order": order, "selector": "all()", "types": types}), Some(ns)),
-                Engine::ClusterNetworkPolicy => {
-                    let mut spec = json!({
-                        "tier": "Baseline",
-                        "priority": order,
-                        "subject": {"namespaces": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}}},
-                        "ingress": [{"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}],
-                    });
-                    if egress {
-                        spec["egress"] =
-                            json!([{"name": "default-deny", "action": "Deny", "to": [{"namespaces": {}}]}]);
-                    }
-                    (spec, None)
-                }
-            };
-            objects.push(object(engine, &deny_name, namespace, spec));
-        }
-        Ok(objects
-            .into_iter()
-            .map(|value| Document { origin: format!("{} (rendered for {} engine)", self.origin, engine), value })
-            .collect())
+    pub fn render(&self, release: &Release) -> Vec<Document> {
+        render::render(self, release)
     }
-}
-
-fn object(engine: Engine, name: &str, namespace: Option<&str>, spec: Value) -> Value {
-    let mut meta = json!({"name": name});
-    if let Some(ns) = namespace {
-        meta["namespace"] = json!(ns);
-    }
-    json!({"apiVersion": engine.api_version(), "kind": engine.kind(), "metadata": meta, "spec": spec})
 }
 
 fn defaults() -> Value {
@@ -544,7 +312,7 @@ mod tests {
                 "networkPolicy:\n  enabled: true\n  engine: {engine}\n  defaultDeny: {{enabled: true, order: 900}}\n  \
                  egress: {{enabled: true}}\n"
             ));
-            let docs = v.render(&release()).unwrap();
+            let docs = v.render(&release());
             assert_eq!(docs.len(), 2, "{engine}");
             let (policies, rest) = crate::policy::from_documents(docs).unwrap();
             assert!(rest.is_empty());
@@ -554,7 +322,7 @@ mod tests {
 
     #[test]
     fn disabled_renders_nothing_and_names_follow_helm() {
-        assert!(Values::defaults().render(&release()).unwrap().is_empty());
+        assert!(Values::defaults().render(&release()).is_empty());
         let v = Values::defaults();
         assert_eq!(v.fullname(&release()), "ssc-stageset-controller");
         let r = Release { name: "stageset-controller".into(), namespace: "x".into() };

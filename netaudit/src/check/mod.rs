@@ -114,7 +114,7 @@ impl Check<'_> {
         let resolver = Resolver::new(inv, self.chart, &flows.flows)?;
         let mut notes = resolver.notes.clone();
         let ev = Evaluator::new(inv, self.policies);
-        let engine = self.chart.and_then(Chart::engine);
+        let engine = self.chart.map(Chart::engine);
         let values = self.chart.map(|c| &c.values).unwrap_or(default_values());
         let mut verdicts = Vec::with_capacity(flows.flows.len());
         let mut used = BTreeSet::new();

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use netaudit::{
     capture::{Capture, CaptureConfig},
-    chart::{Chart, INGRESS_PORTS, Values},
+    chart::{Chart, Values},
     check::{Check, Report},
     graph,
     inventory::Inventory,
@@ -130,10 +130,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn record(lab: &Lab, values: &Values, args: &Args, stop: &AtomicBool) -> Result<netaudit::model::FlowFile> {
     let exe = std::env::current_exe().context("finding the netaudit binary")?;
     let mut actor_args = vec!["lab-actor".to_string(), String::new()];
-    for (name, cond) in INGRESS_PORTS {
-        if cond.map(|c| values.bool(c)).transpose()?.unwrap_or(true) {
-            actor_args.push(format!("{name}={}", values.port(&format!("ports.{name}"))?));
-        }
+    for (name, port) in values.enabled_ports() {
+        actor_args.push(format!("{name}={port}"));
     }
     let with_role = |role: &str| {
         let mut a = actor_args.clone();

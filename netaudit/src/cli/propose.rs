@@ -81,7 +81,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let loaded = load_cluster(&args.cluster, &[], args.from_cluster)?;
     let engine = match (args.engine, &loaded.chart) {
         (Some(e), _) => e,
-        (None, Some(c)) => c.values.engine()?,
+        (None, Some(c)) => c.engine(),
         (None, None) => {
             let msg = "give --engine (kubernetes, cilium, calico, clusterNetworkPolicy) or --values";
             return Err(InputError::usage(msg).into());

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 
 use self::host::{Cgroup, Netns};
 use crate::{
-    chart::{CHART_NAME, INGRESS_PORTS, Release, Values},
+    chart::{CHART_NAME, Release, Values},
     model::{DNS_PORT, Protocol},
 };
 
@@ -289,12 +289,8 @@ pub fn inventory_yaml(values: &Values, release: &Release) -> Result<String> {
     // The controller, as the chart labels it, with the chart's named ports.
     let labels =
         values.selector_labels(release).iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
-    let mut ports = Vec::new();
-    for (name, cond) in INGRESS_PORTS {
-        if cond.map(|c| values.bool(c)).transpose()?.unwrap_or(true) {
-            ports.push(format!("{{name: {name}, containerPort: {}}}", values.port(&format!("ports.{name}"))?));
-        }
-    }
+    let ports: Vec<String> =
+        values.enabled_ports().iter().map(|(name, port)| format!("{{name: {name}, containerPort: {port}}}")).collect();
     pod(
         &mut y,
         &release.namespace,

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    chart::{Chart, INGRESS_PORTS, Release, Values, default_values},
+    chart::{Chart, Release, Values, default_values},
     error::{FieldError, InputError},
     inventory::{Inventory, Labels, Owner, PodInfo},
     matrix::Matrix,
@@ -502,11 +502,7 @@ fn ingress_proposal(
     inv: &Inventory,
 ) -> Result<Vec<IngressPort>, InputError> {
     let mut out = Vec::new();
-    for (name, cond) in INGRESS_PORTS {
-        if !cond.map(|c| values.bool(c)).transpose()?.unwrap_or(true) {
-            continue;
-        }
-        let port = values.port(&format!("ports.{name}"))?;
+    for (name, port) in values.enabled_ports() {
         let sources = seen.get(&port).cloned().unwrap_or_default();
         let mut evidence = Evidence::default();
         for (_, s, i) in &sources {

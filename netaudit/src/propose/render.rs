@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use super::{EgressRule, Peer, PortProto, Proposal};
 use crate::{
     chart::{CHART_NAME, Values},
-    error::InputError,
+    error::{Error, InputError},
     input::Document,
     inventory::{Labels, NAMESPACE_NAME_LABEL},
     model::{DNS_PORT, Protocol},
@@ -263,10 +263,12 @@ pub fn values(p: &Proposal, skip: Option<usize>) -> Value {
     match p.engine {
         Engine::Kubernetes => {
             np["egress"]["to"] = Value::Array(items);
-            for port in &p.ingress {
-                if !port.open && port.name != "health" {
-                    np[&port.name] = json!({"from": port.from.iter().flat_map(ingress_peer).collect::<Vec<_>>()});
-                }
+            // Open ports say so (`from: []`), as the printed values do: applied over values that
+            // restricted a port before, the proposal must reopen it.
+            for port in p.ingress.iter().filter(|p| p.name != "health") {
+                let from: Vec<Value> =
+                    if port.open { Vec::new() } else { port.from.iter().flat_map(ingress_peer).collect() };
+                np[&port.name] = json!({ "from": from });
             }
         }
         e => np[e.name()] = json!({"egress": items}),
@@ -275,7 +277,7 @@ pub fn values(p: &Proposal, skip: Option<usize>) -> Value {
 }
 
 /// Paste-ready values with a comment per rule.
-pub fn values_yaml(p: &Proposal) -> anyhow::Result<String> {
+pub fn values_yaml(p: &Proposal) -> Result<String, Error> {
     let mut out = String::new();
     out += &format!("# netaudit propose: engine {}, release {} in {}\n", p.engine, p.release, p.namespace);
     for n in &p.notes {
@@ -348,8 +350,8 @@ pub fn values_yaml(p: &Proposal) -> anyhow::Result<String> {
 }
 
 /// One YAML list item at `indent`.
-fn item(v: &Value, indent: usize) -> anyhow::Result<String> {
-    let text = serde_saphyr::to_string(v)?;
+fn item(v: &Value, indent: usize) -> Result<String, Error> {
+    let text = serde_saphyr::to_string(v).map_err(|source| Error::Yaml { what: "a proposed rule", source })?;
     let pad = " ".repeat(indent);
     let mut out = String::new();
     for (i, line) in text.lines().enumerate() {
@@ -362,15 +364,15 @@ fn item(v: &Value, indent: usize) -> anyhow::Result<String> {
 pub fn manifests(p: &Proposal, base: &Values, skip: Option<usize>) -> Result<Vec<Document>, InputError> {
     let values = base.with_overrides(values(p, skip))?;
     let release = crate::chart::Release { name: p.release.clone(), namespace: p.namespace.clone() };
-    values.render(&release)
+    Ok(values.render(&release))
 }
 
-pub fn manifests_yaml(docs: &[Document]) -> anyhow::Result<String> {
+pub fn manifests_yaml(docs: &[Document]) -> Result<String, Error> {
     let values: Vec<&Value> = docs.iter().map(|d| &d.value).collect();
     let mut out = format!("# netaudit propose: the objects the {CHART_NAME} chart renders with the proposed values\n");
     for v in values {
         out += "---\n";
-        out += &serde_saphyr::to_string(v)?;
+        out += &serde_saphyr::to_string(v).map_err(|source| Error::Yaml { what: "a rendered object", source })?;
     }
     Ok(out)
 }
