@@ -68,7 +68,8 @@ impl Loaded {
     pub fn add_chart(&mut self, source: ChartSource<'_>) -> Result<(), InputError> {
         let Some(path) = source.values else { return Ok(()) };
         let values = Values::load(path)?;
-        let (release, notes) = Release::infer(source.release, source.namespace, &self.inventory.pods, "default");
+        let (release, notes) =
+            Release::infer(source.release, source.namespace, self.inventory.pods.iter().map(|p| &**p), "default");
         self.notes.extend(notes);
         let chart = Chart { values, release };
         let rendered = chart.policies()?;

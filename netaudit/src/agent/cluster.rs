@@ -1,7 +1,7 @@
-//! The agent's view of the API: reflectors (kube-runtime) on the inventory and policy kinds, and
-//! one node-local Pod reflector per target workload. Everything is watched as `DynamicObject`
-//! and handed to the same readers `check` uses for files (`input::Document`), so the live path and
-//! the file path cannot disagree.
+//! The agent's view of the API: a watch per inventory and policy kind into typed stores of slim
+//! objects ([`super::stores`]), read by the same readers `check` uses for files (the inventory's
+//! `from_api`, the policy parsers), so the live path and the file path cannot disagree; and one
+//! node-local Pod reflector per target workload.
 
 use std::{
     sync::{
@@ -30,8 +30,15 @@ use kube::{
     },
 };
 
-use super::config::Target;
-use crate::input::Document;
+use super::{
+    config::Target,
+    stores::{Shared, Sink, Stores, Unreadable, watch},
+};
+use crate::{
+    error::FieldError,
+    input::Document,
+    inventory::{NamespaceInfo, NodeInfo, PodInfo, ServiceInfo, SliceInfo},
+};
 
 /// The policy kinds of the other engines: watched only where their API is served.
 const POLICY_KINDS: [(&str, &str, &str, &str); 5] = [
@@ -45,12 +52,10 @@ const POLICY_KINDS: [(&str, &str, &str, &str); 5] = [
 /// How often an engine's API that is not served is looked for again (installed later).
 const PROBE_PERIOD: Duration = Duration::from_secs(300);
 
-/// The cluster's objects as the reflectors hold them now.
+/// The cluster's objects as the agent's stores hold them now.
 #[derive(Clone)]
 pub struct LiveInventory {
-    /// Per kind: whether its API is optional (an engine's), and its store.
-    stores: Vec<(ApiResource, bool, Store<DynamicObject>)>,
-    /// Bumped on every change: the agent rebuilds its inventory only when it moved.
+    stores: Stores,
     generation: Arc<AtomicU64>,
 }
 
@@ -97,22 +102,24 @@ fn slim(kind: &str) -> impl FnMut(&mut DynamicObject) + use<> {
     }
 }
 
-/// Every kind the inventory and the policy readers take, and whether its API is optional (an
-/// engine's, served only where it is installed).
+/// The policy kinds, and whether its API is optional (an engine's, served only where it is
+/// installed).
+fn policy_kinds() -> Vec<(ApiResource, bool)> {
+    std::iter::once((ApiResource::erase::<NetworkPolicy>(&()), false))
+        .chain(POLICY_KINDS.map(|(g, v, k, p)| (resource(g, v, k, p), true)))
+        .collect()
+}
+
+/// Every kind the inventory and the policy readers take, and whether its API is optional.
 fn kinds() -> Vec<(ApiResource, bool)> {
-    let always = [
+    let inventory = [
         ApiResource::erase::<Namespace>(&()),
         ApiResource::erase::<Node>(&()),
         ApiResource::erase::<Pod>(&()),
         ApiResource::erase::<Service>(&()),
         ApiResource::erase::<EndpointSlice>(&()),
-        ApiResource::erase::<NetworkPolicy>(&()),
     ];
-    always
-        .into_iter()
-        .map(|ar| (ar, false))
-        .chain(POLICY_KINDS.map(|(g, v, k, p)| (resource(g, v, k, p), true)))
-        .collect()
+    inventory.into_iter().map(|ar| (ar, false)).chain(policy_kinds()).collect()
 }
 
 fn document(ar: &ApiResource, o: &DynamicObject) -> Document {
@@ -141,33 +148,41 @@ pub async fn list_documents(client: &Client) -> anyhow::Result<Vec<Document>> {
 }
 
 impl LiveInventory {
-    /// Starts the reflectors (on the current tokio runtime).
+    /// Starts one watch per kind (on the current tokio runtime), each into its typed store.
     pub fn start(client: &Client) -> LiveInventory {
         let generation = Arc::new(AtomicU64::new(0));
-        let mut stores = Vec::new();
-        for (ar, optional) in kinds() {
-            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-            stores.push((ar.clone(), optional, writer.as_reader()));
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-            let generation = Arc::clone(&generation);
-            let client = client.clone();
-            tokio::spawn(async move {
-                if optional {
-                    wait_until_served(&client, &api, &ar).await;
+        let sinks = Sinks { generation: Arc::clone(&generation), unreadable: Unreadable::default() };
+        let mut stores = Stores::default();
+        let now = || futures::future::ready(());
+        let c = client.clone();
+        let namespace = |o| Ok(Some(NamespaceInfo::from_api(o)));
+        watch(Api::<Namespace>::all(c.clone()), "Namespace".into(), sinks.to(&stores.namespaces), namespace, now());
+        watch(Api::<Pod>::all(c.clone()), "Pod".into(), sinks.to(&stores.pods), kept(PodInfo::from_api), now());
+        let services = sinks.to(&stores.services);
+        watch(Api::<Service>::all(c.clone()), "Service".into(), services, kept(ServiceInfo::from_api), now());
+        watch(Api::<Node>::all(c.clone()), "Node".into(), sinks.to(&stores.nodes), kept(NodeInfo::from_api), now());
+        let slices = sinks.to(&stores.slices);
+        watch(Api::<EndpointSlice>::all(c.clone()), "EndpointSlice".into(), slices, SliceInfo::from_api, now());
+        for (ar, optional) in policy_kinds() {
+            let store = Shared::default();
+            stores.policies.push((optional, Arc::clone(&store)));
+            let api: Api<DynamicObject> = Api::all_with(c.clone(), &ar);
+            let served = {
+                let (client, api, ar) = (c.clone(), api.clone(), ar.clone());
+                async move {
+                    if optional {
+                        wait_until_served(&client, &api, &ar).await;
+                    }
                 }
-                let stream = watcher(api, watcher::Config::default()).modify(slim(&ar.kind)).default_backoff();
-                reflector::reflector(writer, stream)
-                    .for_each(|event| {
-                        match event {
-                            Ok(_) => {
-                                generation.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => tracing::warn!(kind = %ar.kind, "watching {}: {e}", ar.plural),
-                        }
-                        futures::future::ready(())
-                    })
-                    .await;
-            });
+            };
+            let kind = ar.kind.clone();
+            let read = move |o: DynamicObject| {
+                let doc = document(&ar, &o);
+                crate::policy::from_documents(vec![doc])
+                    .map(|(found, _)| Some(found))
+                    .map_err(|e| FieldError::whole(e.to_string()))
+            };
+            watch(api, kind, sinks.to(&store), read, served);
         }
         LiveInventory { stores, generation }
     }
@@ -178,18 +193,30 @@ impl LiveInventory {
 
     /// Whether the initial list of every always-served kind has arrived.
     pub fn synced(&self) -> bool {
-        self.stores.iter().filter(|(_, optional, _)| !optional).all(|(_, _, s)| ready(s))
+        self.stores.synced()
     }
 
-    /// Hands every object to `f`, one document at a time (never the whole cluster twice in
-    /// memory).
-    pub fn for_each_document(&self, mut f: impl FnMut(Document)) {
-        for (ar, _, store) in &self.stores {
-            for o in store.state() {
-                f(document(ar, &o));
-            }
-        }
+    /// The inventory and the policies now (the objects are shared with the stores).
+    pub fn snapshot(&self) -> (crate::inventory::Inventory, Vec<crate::policy::Policy>) {
+        self.stores.snapshot()
     }
+}
+
+/// Makes the sinks of one agent's stores: one generation, one record of unreadable objects.
+struct Sinks {
+    generation: Arc<AtomicU64>,
+    unreadable: Unreadable,
+}
+
+impl Sinks {
+    fn to<T>(&self, store: &Shared<T>) -> Sink<T> {
+        Sink { store: Arc::clone(store), generation: Arc::clone(&self.generation), unreadable: self.unreadable.clone() }
+    }
+}
+
+/// A reader whose every object is kept.
+fn kept<K, T>(read: fn(K) -> Result<T, FieldError>) -> impl Fn(K) -> Result<Option<T>, FieldError> {
+    move |o| read(o).map(Some)
 }
 
 /// Whether a store's first list has completed (without waiting).

@@ -15,6 +15,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod reports;
 pub mod run;
+pub mod stores;
 
 /// The Linux capabilities the agent needs, as measured on kernel 6.18 (tests/tests/capabilities.rs
 /// proves each is needed): BPF, NET_ADMIN and PERFMON to load and attach the cgroup programs;

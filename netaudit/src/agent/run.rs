@@ -36,7 +36,7 @@ use crate::{
     inventory::Inventory,
     matrix::Matrix,
     model::FlowFile,
-    policy::{self, Policy},
+    policy::Policy,
 };
 
 /// The agent's record of which audited cgroup was which pod, in the state directory.
@@ -78,8 +78,6 @@ struct Cluster {
     generation: Option<u64>,
     inventory: Inventory,
     policies: Vec<Policy>,
-    /// Objects that could not be read, by description: said once each.
-    unreadable: std::collections::HashSet<String>,
 }
 
 struct Agent {
@@ -283,30 +281,14 @@ impl Agent {
         Ok(crate::output::write_atomically(&self.config.state_dir.join(PODS_FILE), &json)?)
     }
 
-    /// Rebuilds the inventory and policies from the reflectors when they moved. An object that
-    /// cannot be read is skipped (and said once): one odd object must not blind the agent.
+    /// Takes the inventory and policies from the stores when they moved (objects the stores
+    /// could not read were skipped there, and said once).
     fn refresh_cluster(&mut self, live: &LiveInventory) {
         let generation = live.generation();
         if self.cluster.generation == Some(generation) {
             return;
         }
-        let mut inventory = Inventory::builder();
-        let mut policies = Vec::new();
-        let unreadable = &mut self.cluster.unreadable;
-        live.for_each_document(|doc| {
-            let what = format!("{} {}", doc.origin, doc.describe());
-            let result = inventory.add_documents(vec![doc]).and_then(policy::from_documents);
-            match result {
-                Ok((found, _)) => policies.extend(found),
-                Err(e) => {
-                    if unreadable.insert(what) {
-                        tracing::warn!("skipping an object the agent cannot read: {e:#}");
-                    }
-                }
-            }
-        });
-        self.cluster.inventory = inventory.build();
-        self.cluster.policies = policies;
+        (self.cluster.inventory, self.cluster.policies) = live.snapshot();
         self.cluster.generation = Some(generation);
     }
 

@@ -3,17 +3,17 @@
 //! watches in the agent), indexed for the questions the evaluator asks: who has this IP, which Service
 //! owns this ClusterIP, which backends serve it, which port a name means.
 
+mod objects;
+
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::Path,
+    sync::Arc,
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::{core::v1::Namespace, discovery::v1::EndpointSlice},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -94,8 +94,11 @@ impl ServiceInfo {
     }
 }
 
+/// One EndpointSlice of a Service: its ports (by name) and ready addresses.
 #[derive(Clone, Debug)]
-struct SliceInfo {
+pub struct SliceInfo {
+    pub namespace: String,
+    pub service: String,
     ports: Vec<(Option<String>, u16, Protocol)>,
     addresses: Vec<IpAddr>,
 }
@@ -111,16 +114,16 @@ pub struct Backend {
 /// separately; kinds it does not know are skipped with a note.
 #[derive(Debug, Default)]
 pub struct Inventory {
-    pub namespaces: BTreeMap<String, NamespaceInfo>,
-    pub pods: Vec<PodInfo>,
-    pub services: Vec<ServiceInfo>,
-    pub nodes: Vec<NodeInfo>,
-    slices: HashMap<(String, String), Vec<SliceInfo>>,
+    pub namespaces: BTreeMap<String, Arc<NamespaceInfo>>,
+    pub pods: Vec<Arc<PodInfo>>,
+    pub services: Vec<Arc<ServiceInfo>>,
+    pub nodes: Vec<Arc<NodeInfo>>,
+    slices: HashMap<(String, String), Vec<Arc<SliceInfo>>>,
     pod_by_ip: HashMap<IpAddr, usize>,
     service_by_ip: HashMap<IpAddr, usize>,
     node_by_ip: HashMap<IpAddr, usize>,
     /// Per Service (same index as `services`): its EndpointSlices.
-    slices_of_service: Vec<Vec<SliceInfo>>,
+    slices_of_service: Vec<Vec<Arc<SliceInfo>>>,
     /// The apiserver's ClusterIPs and endpoint addresses.
     apiserver_ips: std::collections::HashSet<IpAddr>,
     /// What was skipped and why (unknown kinds), for the user's information.
@@ -138,6 +141,28 @@ impl InventoryBuilder {
     /// document was added.
     pub fn add_documents(&mut self, docs: Vec<Document>) -> Result<Vec<Document>, InputError> {
         self.0.add_documents(docs)
+    }
+
+    // Objects already read (the agent's stores share them with every inventory it builds).
+
+    pub fn add_namespace(&mut self, ns: Arc<NamespaceInfo>) {
+        self.0.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    pub fn add_pod(&mut self, pod: Arc<PodInfo>) {
+        self.0.pods.push(pod);
+    }
+
+    pub fn add_service(&mut self, svc: Arc<ServiceInfo>) {
+        self.0.services.push(svc);
+    }
+
+    pub fn add_node(&mut self, node: Arc<NodeInfo>) {
+        self.0.nodes.push(node);
+    }
+
+    pub fn add_slice(&mut self, slice: Arc<SliceInfo>) {
+        self.0.add_slice_info(slice);
     }
 
     pub fn build(mut self) -> Inventory {
@@ -182,9 +207,13 @@ impl Inventory {
         for doc in docs {
             match (doc.api_version(), doc.kind()) {
                 ("v1", "Namespace") => self.add_namespace(doc.parse()?),
-                ("v1", "Pod") => self.add_pod(&doc, doc.parse()?)?,
-                ("v1", "Service") => self.add_service(&doc, doc.parse()?)?,
-                ("v1", "Node") => self.add_node(&doc, doc.parse()?)?,
+                ("v1", "Pod") => self.pods.push(Arc::new(PodInfo::from_api(doc.parse()?).map_err(|e| doc.error(e))?)),
+                ("v1", "Service") => {
+                    self.services.push(Arc::new(ServiceInfo::from_api(doc.parse()?).map_err(|e| doc.error(e))?))
+                }
+                ("v1", "Node") => {
+                    self.nodes.push(Arc::new(NodeInfo::from_api(doc.parse()?).map_err(|e| doc.error(e))?))
+                }
                 ("discovery.k8s.io/v1", "EndpointSlice") => self.add_slice(&doc, doc.parse()?)?,
                 _ => rest.push(doc),
             }
@@ -202,145 +231,27 @@ impl Inventory {
     }
 
     fn add_namespace(&mut self, ns: Namespace) {
-        let name = ns.metadata.name.unwrap_or_default();
-        let mut labels = ns.metadata.labels.unwrap_or_default();
-        labels.entry(NAMESPACE_NAME_LABEL.to_string()).or_insert_with(|| name.clone());
-        self.namespaces.insert(name.clone(), NamespaceInfo { name, labels });
+        self.add_namespace_info(NamespaceInfo::from_api(ns));
     }
 
-    fn add_pod(&mut self, doc: &Document, pod: Pod) -> Result<(), InputError> {
-        let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let spec = pod.spec.unwrap_or_default();
-        let status = pod.status.unwrap_or_default();
-        let mut ips = Vec::new();
-        let listed = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
-        for (i, ip) in status.pod_ip.into_iter().chain(listed).enumerate() {
-            let ip: IpAddr = ip.parse().map_err(|_| {
-                doc.error(FieldError::new(format!("status.podIPs[{i}]"), format!("`{ip}` is not an IP address")))
-            })?;
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
-        }
-        let mut ports = Vec::new();
-        for (ci, c) in spec.containers.iter().chain(spec.init_containers.iter().flatten()).enumerate() {
-            for (pi, p) in c.ports.iter().flatten().enumerate() {
-                let at = || format!("spec.containers[{ci}].ports[{pi}]");
-                let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0).ok_or_else(|| {
-                    let e = FieldError::new("containerPort", format!("{} is not a port (1-65535)", p.container_port));
-                    doc.error(e.within(&at()))
-                })?;
-                let protocol = parse_protocol(p.protocol.as_deref())
-                    .map_err(|e| doc.error(e.within(&format!("{}.protocol", at()))))?;
-                ports.push(ContainerPort { name: p.name.clone(), port, protocol });
-            }
-        }
-        self.pods.push(PodInfo {
-            namespace,
-            name,
-            labels: pod.metadata.labels.unwrap_or_default(),
-            ips,
-            node_name: spec.node_name,
-            host_network: spec.host_network.unwrap_or(false),
-            service_account: spec.service_account_name,
-            ports,
-        });
-        Ok(())
-    }
-
-    fn add_service(&mut self, doc: &Document, svc: Service) -> Result<(), InputError> {
-        let spec = svc.spec.unwrap_or_default();
-        let mut cluster_ips = Vec::new();
-        for ip in spec.cluster_ip.into_iter().chain(spec.cluster_ips.into_iter().flatten()) {
-            if ip.is_empty() || ip == "None" {
-                continue;
-            }
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| doc.error(FieldError::new("spec.clusterIPs", format!("`{ip}` is not an IP address"))))?;
-            if !cluster_ips.contains(&ip) {
-                cluster_ips.push(ip);
-            }
-        }
-        let mut ports = Vec::new();
-        for (i, p) in spec.ports.into_iter().flatten().enumerate() {
-            let at = format!("spec.ports[{i}]");
-            let port = u16::try_from(p.port).ok().filter(|p| *p > 0).ok_or_else(|| {
-                doc.error(FieldError::new(format!("{at}.port"), format!("{} is not a port (1-65535)", p.port)))
-            })?;
-            let protocol =
-                parse_protocol(p.protocol.as_deref()).map_err(|e| doc.error(e.within(&format!("{at}.protocol"))))?;
-            ports.push(ServicePort { name: p.name, port, protocol, target_port: p.target_port });
-        }
-        self.services.push(ServiceInfo {
-            namespace: svc.metadata.namespace.unwrap_or_else(|| "default".into()),
-            name: svc.metadata.name.unwrap_or_default(),
-            cluster_ips,
-            ports,
-            selector: spec.selector,
-        });
-        Ok(())
-    }
-
-    fn add_node(&mut self, doc: &Document, node: Node) -> Result<(), InputError> {
-        let mut addresses = Vec::new();
-        for (i, a) in node.status.and_then(|s| s.addresses).into_iter().flatten().enumerate() {
-            if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
-                continue;
-            }
-            let ip: IpAddr = a.address.parse().map_err(|_| {
-                let at = format!("status.addresses[{i}].address");
-                doc.error(FieldError::new(at, format!("`{}` is not an IP address", a.address)))
-            })?;
-            addresses.push(ip);
-        }
-        self.nodes.push(NodeInfo {
-            name: node.metadata.name.unwrap_or_default(),
-            labels: node.metadata.labels.unwrap_or_default(),
-            addresses,
-        });
-        Ok(())
+    fn add_namespace_info(&mut self, ns: NamespaceInfo) {
+        self.namespaces.insert(ns.name.clone(), Arc::new(ns));
     }
 
     fn add_slice(&mut self, doc: &Document, slice: EndpointSlice) -> Result<(), InputError> {
-        let labels = slice.metadata.labels.unwrap_or_default();
-        let Some(service) = labels.get("kubernetes.io/service-name") else {
-            self.notes.push(format!(
+        match SliceInfo::from_api(slice).map_err(|e| doc.error(e))? {
+            Some(s) => self.add_slice_info(Arc::new(s)),
+            None => self.notes.push(format!(
                 "{}: {} has no kubernetes.io/service-name label; not tied to a Service",
                 doc.origin,
                 doc.describe()
-            ));
-            return Ok(());
-        };
-        let namespace = slice.metadata.namespace.unwrap_or_else(|| "default".into());
-        let mut ports = Vec::new();
-        for (i, p) in slice.ports.into_iter().flatten().enumerate() {
-            let at = format!("ports[{i}]");
-            let Some(port) = p.port else { continue };
-            let port = u16::try_from(port).ok().filter(|p| *p > 0).ok_or_else(|| {
-                doc.error(FieldError::new(format!("{at}.port"), format!("{port} is not a port (1-65535)")))
-            })?;
-            let protocol =
-                parse_protocol(p.protocol.as_deref()).map_err(|e| doc.error(e.within(&format!("{at}.protocol"))))?;
-            ports.push((p.name.filter(|n| !n.is_empty()), port, protocol));
+            )),
         }
-        let mut addresses = Vec::new();
-        for (i, e) in slice.endpoints.iter().flatten().enumerate() {
-            // Not-ready endpoints receive no Service traffic.
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
-            for a in &e.addresses {
-                let ip: IpAddr = a.parse().map_err(|_| {
-                    let at = format!("endpoints[{i}].addresses");
-                    doc.error(FieldError::new(at, format!("`{a}` is not an IP address")))
-                })?;
-                addresses.push(ip);
-            }
-        }
-        self.slices.entry((namespace, service.clone())).or_default().push(SliceInfo { ports, addresses });
         Ok(())
+    }
+
+    fn add_slice_info(&mut self, s: Arc<SliceInfo>) {
+        self.slices.entry((s.namespace.clone(), s.service.clone())).or_default().push(s);
     }
 
     /// Builds the lookup indexes. Host-network pods share their node's address: that address is
@@ -394,15 +305,15 @@ impl Inventory {
     }
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
-        self.pod_by_ip.get(&ip).map(|&i| &self.pods[i])
+        self.pod_by_ip.get(&ip).map(|&i| &*self.pods[i])
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
-        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+        self.pods.iter().find(|p| p.namespace == namespace && p.name == name).map(|p| &**p)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
-        self.nodes.iter().find(|n| n.name == name)
+        self.nodes.iter().find(|n| n.name == name).map(|n| &**n)
     }
 
     pub fn namespace_labels(&self, ns: &str) -> Option<&Labels> {
@@ -410,18 +321,18 @@ impl Inventory {
     }
 
     pub fn service_by_cluster_ip(&self, ip: IpAddr) -> Option<&ServiceInfo> {
-        self.service_by_ip.get(&ip).map(|&i| &self.services[i])
+        self.service_by_ip.get(&ip).map(|&i| &*self.services[i])
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
-        self.services.iter().find(|s| s.namespace == namespace && s.name == name)
+        self.services.iter().find(|s| s.namespace == namespace && s.name == name).map(|s| &**s)
     }
 
     /// The ready backends of `svc`'s port: EndpointSlice addresses with the slice port of the
     /// same name (the target port, resolved by the endpoints controller).
     pub fn backends(&self, svc: &ServiceInfo, port: &ServicePort) -> Vec<Backend> {
         let mut out = Vec::new();
-        let index = self.services.iter().position(|s| std::ptr::eq(s, svc));
+        let index = self.services.iter().position(|s| std::ptr::eq(&**s, svc));
         let slices = match index {
             Some(i) => self.slices_of_service.get(i),
             None => self.slices.get(&(svc.namespace.clone(), svc.name.clone())),

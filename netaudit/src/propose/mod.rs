@@ -288,8 +288,9 @@ pub fn propose(
             unexpected.len()
         ));
     }
-    let release =
-        chart.map(|c| c.release.clone()).unwrap_or_else(|| Release::infer(None, None, &inv.pods, "default").0);
+    let release = chart
+        .map(|c| c.release.clone())
+        .unwrap_or_else(|| Release::infer(None, None, inv.pods.iter().map(|p| &**p), "default").0);
     Ok(Proposal {
         engine: opts.engine,
         release: release.name,
