@@ -16,6 +16,7 @@ pub mod error;
 pub mod graph;
 pub mod input;
 pub mod inventory;
+pub mod k8s;
 pub mod lab;
 pub mod load;
 pub mod matrix;

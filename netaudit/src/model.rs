@@ -260,6 +260,13 @@ impl From<Protocol> for String {
     }
 }
 
+impl Default for FlowFile {
+    /// An empty flow file of the current version.
+    fn default() -> FlowFile {
+        FlowFile::new(Vec::new())
+    }
+}
+
 impl Flow {
     /// A flow from `src` to `dst:port` with nothing counted yet; the builder methods fill in the
     /// rest (`Flow::new(Protocol::Tcp, src, dst, Some(443)).with_direction(Direction::Egress)`).
@@ -318,6 +325,17 @@ impl FlowFile {
     /// A hand-made flow file: no window, no sources, nothing lost.
     pub fn new(flows: Vec<Flow>) -> FlowFile {
         FlowFile { version: FLOW_FILE_VERSION, window: None, sources: Vec::new(), losses: Losses::default(), flows }
+    }
+
+    /// The file's window, sources and losses, without its flows.
+    pub fn clone_header(&self) -> FlowFile {
+        FlowFile {
+            version: self.version,
+            window: self.window.clone(),
+            sources: self.sources.clone(),
+            losses: self.losses,
+            flows: Vec::new(),
+        }
     }
 
     /// One file from several (pods, nodes, replicas): flows side by side, losses summed, the

@@ -71,6 +71,7 @@ fn unique(prefix: &str) -> String {
 use netaudit::lab::host::run;
 
 pub mod cluster;
+pub mod synthetic;
 
 /// Two distinct free loopback ports (both held while choosing, so they cannot be the same).
 pub fn free_ports() -> (u16, u16) {

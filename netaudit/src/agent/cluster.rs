@@ -32,6 +32,7 @@ use kube::{
 
 use super::{
     config::Target,
+    judge::Generations,
     stores::{Shared, Sink, Stores, Unreadable, watch},
 };
 use crate::{
@@ -56,7 +57,9 @@ const PROBE_PERIOD: Duration = Duration::from_secs(300);
 #[derive(Clone)]
 pub struct LiveInventory {
     stores: Stores,
+    /// Bumped on every change of an inventory kind, and of a policy kind.
     generation: Arc<AtomicU64>,
+    policy_generation: Arc<AtomicU64>,
 }
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -151,7 +154,10 @@ impl LiveInventory {
     /// Starts one watch per kind (on the current tokio runtime), each into its typed store.
     pub fn start(client: &Client) -> LiveInventory {
         let generation = Arc::new(AtomicU64::new(0));
-        let sinks = Sinks { generation: Arc::clone(&generation), unreadable: Unreadable::default() };
+        let policy_generation = Arc::new(AtomicU64::new(0));
+        let unreadable = Unreadable::default();
+        let sinks = Sinks { generation: Arc::clone(&generation), unreadable: unreadable.clone() };
+        let policy_sinks = Sinks { generation: Arc::clone(&policy_generation), unreadable };
         let mut stores = Stores::default();
         let now = || futures::future::ready(());
         let c = client.clone();
@@ -182,13 +188,17 @@ impl LiveInventory {
                     .map(|(found, _)| Some(found))
                     .map_err(|e| FieldError::whole(e.to_string()))
             };
-            watch(api, kind, sinks.to(&store), read, served);
+            watch(api, kind, policy_sinks.to(&store), read, served);
         }
-        LiveInventory { stores, generation }
+        LiveInventory { stores, generation, policy_generation }
     }
 
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+    /// Changes so far: the agent rebuilds its inventory only when they moved.
+    pub fn generations(&self) -> Generations {
+        Generations {
+            inventory: self.generation.load(Ordering::Relaxed),
+            policies: self.policy_generation.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether the initial list of every always-served kind has arrived.

@@ -50,7 +50,8 @@ impl Default for Limits {
     }
 }
 
-type FlowId = (Option<String>, String);
+/// A flow as the detector and the judge know it: its cgroup and its key (not its counters).
+pub type FlowId = (Option<String>, String);
 
 pub struct Detector {
     limits: Limits,
@@ -64,7 +65,7 @@ pub struct Detector {
     pub suppressed: HashMap<String, u64>,
 }
 
-fn id(f: &Flow) -> FlowId {
+pub fn flow_id(f: &Flow) -> FlowId {
     let key = format!("{:?} {} {} {} {:?}", f.direction, f.protocol, f.src.ip, f.dst.ip, f.dst.port);
     (f.cgroup.clone(), key)
 }
@@ -124,7 +125,7 @@ impl Detector {
         let mut out = Vec::new();
         for v in &report.verdicts {
             let f = &flows.flows[v.index];
-            let fid = id(f);
+            let fid = flow_id(f);
             let before = self.seen.insert(fid.clone(), f.packets.max(1));
             if before.is_some_and(|p| p >= f.packets.max(1)) {
                 continue;

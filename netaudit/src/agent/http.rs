@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use anyhow::Context;
@@ -16,15 +16,19 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 
-/// What the listeners serve, replaced by the agent's loop after each look.
+use super::judge::Judge;
+use crate::model::FlowFile;
+
+/// What the listeners serve, replaced by the agent's loop after each look. Serialized when
+/// asked for: a look at a full flow map must not pay for JSON nobody reads.
 #[derive(Default)]
 pub struct Published {
-    /// All audited pods' flows (a flow file, JSON).
-    pub flows: String,
-    /// Per pod (`namespace/name`): its flow file.
-    pub pods: BTreeMap<String, String>,
-    /// Watch mode: the last check report (JSON).
-    pub report: Option<String>,
+    /// All audited pods' flows.
+    pub flows: Arc<FlowFile>,
+    /// Per pod (`namespace/name`): its flows.
+    pub pods: BTreeMap<String, Arc<FlowFile>>,
+    /// Watch mode: the judge, whose verdicts make the report.
+    pub judge: Option<Arc<Mutex<Judge>>>,
     /// Why the agent is not ready (its first lists have not arrived), if it is not.
     pub not_ready: Option<String>,
     /// When the agent's loop last went round: `/healthz` fails when it is stuck.
@@ -69,17 +73,24 @@ fn flows_route(path: &str, shared: &Shared) -> Response<Full<Bytes>> {
     let p = shared.read().expect("not poisoned");
     let json = "application/json";
     match path {
-        "/flows" => reply(StatusCode::OK, json, p.flows.clone()),
-        "/report" => match &p.report {
-            Some(r) => reply(StatusCode::OK, json, r.clone()),
-            None => reply(
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "no report: the agent judges flows in --mode watch only\n".into(),
-            ),
-        },
+        "/flows" => reply(StatusCode::OK, json, p.flows.to_json()),
+        "/report" => {
+            let report = p.judge.as_ref().map(|j| j.lock().expect("not poisoned").report(&p.flows));
+            match report {
+                Some(Some(r)) => match serde_json::to_string_pretty(&r) {
+                    Ok(text) => reply(StatusCode::OK, json, text + "\n"),
+                    Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+                },
+                Some(None) => reply(StatusCode::NOT_FOUND, "text/plain", "no report yet: nothing judged\n".into()),
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "no report: the agent judges flows in --mode watch only\n".into(),
+                ),
+            }
+        }
         _ => match path.strip_prefix("/flows/").and_then(|id| p.pods.get(id)) {
-            Some(f) => reply(StatusCode::OK, json, f.clone()),
+            Some(f) => reply(StatusCode::OK, json, f.to_json()),
             None => {
                 let pods: Vec<&str> = p.pods.keys().map(String::as_str).collect();
                 reply(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod drift;
 pub mod events;
 pub mod http;
+pub mod judge;
 pub mod manifests;
 pub mod metrics;
 pub mod reports;

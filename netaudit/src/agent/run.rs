@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -25,19 +25,30 @@ use super::{
     drift::{Alert, AlertKind, Detector, Limits},
     events::EventWriter,
     http::{self, Published, Shared},
+    judge::{Generations, Judge},
     metrics::{LossLabels, Metrics, ProgramLabels},
     reports,
 };
 use crate::{
     capture::{Capture, CaptureConfig, Persist, cgroup},
-    chart::{Chart, Release, Values},
-    check::Check,
+    chart::Values,
     error::InputError,
     inventory::Inventory,
     matrix::Matrix,
     model::FlowFile,
     policy::Policy,
 };
+
+/// Hands memory the allocator holds free back to the system. The watches' list pages are large
+/// and short-lived, the stores' objects small and long-lived: without this, glibc keeps the
+/// pages' memory (interleaved with live objects) as resident.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// The agent's record of which audited cgroup was which pod, in the state directory.
 pub const PODS_FILE: &str = "agent-pods.json";
@@ -65,17 +76,10 @@ pub fn run(config: Config) -> Result<()> {
     runtime.block_on(Agent::start(config)?.run())
 }
 
-/// What the judge needs beside the flows (watch mode).
-struct Judge {
-    /// The chart's values (the ConfigMap): the policy about to be applied.
-    values: Option<Values>,
-    matrix: Matrix,
-}
-
 /// The live inventory and policies, rebuilt when the reflectors moved.
 #[derive(Default)]
 struct Cluster {
-    generation: Option<u64>,
+    generation: Option<Generations>,
     inventory: Inventory,
     policies: Vec<Policy>,
 }
@@ -90,11 +94,11 @@ struct Agent {
     known: BTreeMap<String, PodRef>,
     /// Pods whose cgroup could not be attached, with the error said (once).
     failing: HashMap<String, String>,
-    judge: Option<Judge>,
+    /// Watch mode: judges new flows; shared with `/report`.
+    judge: Option<Arc<Mutex<Judge>>>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     shared: Shared,
-    detector: Detector,
     /// What was last written to [`SEEN_FILE`], and when.
     saved_seen: (String, Option<Instant>),
     /// Per pod: the flows last published in its FlowReport, and when.
@@ -109,15 +113,10 @@ struct Agent {
 impl Agent {
     /// Everything that can fail on bad input or a missing privilege fails here, before the loop.
     fn start(config: Config) -> Result<Agent> {
-        let judge = match config.mode {
-            Mode::Learn => None,
-            Mode::Watch => Some(Judge {
-                values: config.values.as_deref().map(Values::load).transpose()?,
-                matrix: match &config.matrix {
-                    Some(p) => Matrix::load(p)?,
-                    None => Matrix::default_matrix(),
-                },
-            }),
+        let values = config.values.as_deref().map(Values::load).transpose()?;
+        let matrix = match &config.matrix {
+            Some(p) => Matrix::load(p)?,
+            None => Matrix::default_matrix(),
         };
         let cgroup_root = match &config.cgroup_root {
             Some(r) => {
@@ -143,6 +142,7 @@ impl Agent {
         if let Ok(seen) = std::fs::read_to_string(config.state_dir.join(SEEN_FILE)) {
             detector.restore_seen(&seen, Instant::now());
         }
+        let judge = (config.mode == Mode::Watch).then(|| Arc::new(Mutex::new(Judge::new(values, matrix, detector))));
         let metrics = Arc::new(Metrics::default());
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -152,14 +152,14 @@ impl Agent {
             attached: BTreeMap::new(),
             known,
             failing: HashMap::new(),
-            judge,
             metrics,
             registry: Arc::new(registry),
             shared: Arc::new(RwLock::new(Published {
                 not_ready: Some("waiting for the first lists from the API server".into()),
+                judge: judge.clone(),
                 ..Published::default()
             })),
-            detector,
+            judge,
             saved_seen: (String::new(), None),
             reported: HashMap::new(),
             cluster: Cluster::default(),
@@ -284,12 +284,13 @@ impl Agent {
     /// Takes the inventory and policies from the stores when they moved (objects the stores
     /// could not read were skipped there, and said once).
     fn refresh_cluster(&mut self, live: &LiveInventory) {
-        let generation = live.generation();
+        let generation = live.generations();
         if self.cluster.generation == Some(generation) {
             return;
         }
         (self.cluster.inventory, self.cluster.policies) = live.snapshot();
         self.cluster.generation = Some(generation);
+        release_freed_memory();
     }
 
     /// Drains, enriches, publishes and (watch mode) judges the flows.
@@ -308,64 +309,63 @@ impl Agent {
         // Judging or publishing before the first lists arrived would take every peer for an
         // unknown address; the flows wait in the kernel's map meanwhile.
         let synced = live.synced();
-        let mut report_json = None;
-        if let Some(judge) = self.judge.as_ref().filter(|_| synced) {
-            // The chart's release: from an audited pod the chart made (other targets may be
-            // other workloads), as `check` finds it in an inventory.
-            let inventory = &self.cluster.inventory;
-            let audited = per_pod.iter().filter_map(|(p, _)| inventory.pod(&p.namespace, &p.name));
-            let fallback = per_pod.first().map_or("default", |(p, _)| p.namespace.as_str());
-            let (release, _) = Release::infer(None, None, audited, fallback);
-            let chart = judge.values.clone().map(|values| Chart { values, release });
-            let mut policies = self.cluster.policies.clone();
-            if let Some(c) = &chart {
-                policies.extend(c.policies()?);
-            }
-            let check = Check {
-                inventory: &self.cluster.inventory,
-                policies: &policies,
-                chart: chart.as_ref(),
-                matrix: &judge.matrix,
-            };
-            match check.run(&file) {
-                Ok(report) => {
-                    let alerts = self.detector.observe(&file, &report, Instant::now());
-                    let raised = !alerts.is_empty();
-                    for a in alerts {
-                        self.raise(events, a).await;
-                    }
-                    for (cgroup, n) in &self.detector.suppressed {
-                        if let Some(p) = self.known.get(cgroup) {
-                            self.metrics.alerts_suppressed.get_or_create(&Metrics::target(&p.target)).set(*n as i64);
-                        }
-                    }
-                    report_json = Some(serde_json::to_string_pretty(&report)?);
-                    // Saved right after alerts were raised (so a restart does not repeat them),
-                    // else at most every SEEN_SAVE_PERIOD (the record grows with the flow map):
-                    // a SIGKILL loses at most that much of the quiet part.
-                    let due = self.saved_seen.1.is_none_or(|t| t.elapsed() >= SEEN_SAVE_PERIOD);
-                    if raised || due || last {
-                        let seen = self.detector.seen_json(Instant::now());
-                        if seen != self.saved_seen.0 {
-                            crate::output::write_atomically(&self.config.state_dir.join(SEEN_FILE), &seen)?;
-                            self.saved_seen = (seen, Some(Instant::now()));
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!("judging the flows: {e:#}"),
-            }
+        if let Some(judge) = self.judge.clone().filter(|_| synced) {
+            self.judge(&judge, live, &file, &per_pod, events, last).await?;
         }
 
         // Events owed from looks while the API server was away.
         self.write_pending_events(events).await;
         {
             let mut p = self.shared.write().expect("not poisoned");
-            p.flows = file.to_json();
-            p.pods = per_pod.iter().map(|(pod, f)| (pod.id(), f.to_json())).collect();
-            p.report = report_json;
+            p.flows = Arc::new(file);
+            p.pods = per_pod.iter().map(|(pod, f)| (pod.id(), Arc::new(f.clone()))).collect();
         }
         if self.config.publish && (synced || last) {
             self.publish(client, &per_pod, last).await;
+        }
+        Ok(())
+    }
+
+    /// Watch mode: judges what changed, raises the alerts, keeps the detector's record.
+    async fn judge(
+        &mut self,
+        judge: &Mutex<Judge>,
+        live: &LiveInventory,
+        file: &FlowFile,
+        per_pod: &[(PodRef, FlowFile)],
+        events: &EventWriter,
+        last: bool,
+    ) -> Result<()> {
+        let now = Instant::now();
+        let inventory = &self.cluster.inventory;
+        let audited = per_pod.iter().filter_map(|(p, _)| inventory.pod(&p.namespace, &p.name));
+        let (alerts, seen, suppressed) = {
+            let mut j = judge.lock().expect("not poisoned");
+            let look = match j.look(file, inventory, &self.cluster.policies, live.generations(), audited, now) {
+                Ok(look) => look,
+                Err(e) => {
+                    tracing::warn!("judging the flows: {e:#}");
+                    return Ok(());
+                }
+            };
+            // Saved right after alerts were raised (so a restart does not repeat them), else at
+            // most every SEEN_SAVE_PERIOD (the record grows with the flow map): a SIGKILL loses
+            // at most that much of the quiet part.
+            let due = self.saved_seen.1.is_none_or(|t| t.elapsed() >= SEEN_SAVE_PERIOD);
+            let seen = (!look.alerts.is_empty() || due || last).then(|| j.detector.seen_json(now));
+            (look.alerts, seen, j.detector.suppressed.clone())
+        };
+        for a in alerts {
+            self.raise(events, a).await;
+        }
+        for (cgroup, n) in &suppressed {
+            if let Some(p) = self.known.get(cgroup) {
+                self.metrics.alerts_suppressed.get_or_create(&Metrics::target(&p.target)).set(*n as i64);
+            }
+        }
+        if let Some(seen) = seen.filter(|s| *s != self.saved_seen.0) {
+            crate::output::write_atomically(&self.config.state_dir.join(SEEN_FILE), &seen)?;
+            self.saved_seen = (seen, Some(now));
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use crate::{
     model::{Direction, FlowFile, Losses, Protocol},
     policy::{
         Policy,
-        evaluate::{ConnVerdict, Evaluator, SideVerdict},
+        evaluate::{ConnVerdict, Evaluator, Selections, SideVerdict},
         lint::{self, Finding},
     },
     resolve::Resolver,
@@ -56,7 +56,7 @@ pub struct Summary {
     pub policies: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct EndpointView {
     pub ip: IpAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,7 +67,7 @@ pub struct EndpointView {
     pub names: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BackendVerdict {
     pub ip: IpAddr,
     pub port: u16,
@@ -76,14 +76,14 @@ pub struct BackendVerdict {
     pub verdict: ConnVerdict,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct ServiceView {
     pub service: String,
     pub port: u16,
     pub note: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct FlowVerdict {
     /// Position in the input flow file.
     pub index: usize,
@@ -108,12 +108,55 @@ pub struct FlowVerdict {
     pub fix: Option<String>,
 }
 
+impl Report {
+    /// A report over `verdicts` (of `file`'s flows, each judged in some earlier report) with the
+    /// parts that are not per flow (lint, notes, policies) from `last`, the latest of them.
+    pub fn assemble(verdicts: Vec<FlowVerdict>, last: &Report, file: &FlowFile) -> Report {
+        let unexpected: Vec<usize> = verdicts.iter().filter(|v| v.matrix.unexpected).map(|v| v.index).collect();
+        let summary = Summary {
+            flows: verdicts.len(),
+            allowed: verdicts.iter().filter(|v| v.allowed).count(),
+            cut: verdicts.iter().filter(|v| !v.allowed).count(),
+            unexpected: unexpected.len(),
+            policies: last.summary.policies,
+        };
+        // Unused over all flows: what no earlier report used, less what any verdict uses now.
+        let used = |id: &str| verdicts.iter().any(|v| !v.matrix.unexpected && v.matrix.row.as_deref() == Some(id));
+        let unused_rows = last.unused_rows.iter().filter(|u| !used(&u.id)).cloned().collect();
+        Report {
+            summary,
+            unexpected,
+            unused_rows,
+            lint: last.lint.clone(),
+            losses: file.losses,
+            notes: last.notes.clone(),
+            verdicts,
+        }
+    }
+}
+
 impl Check<'_> {
     pub fn run(&self, flows: &FlowFile) -> Result<Report, InputError> {
+        self.run_linted(flows, lint::lint(self.policies, self.inventory))
+    }
+
+    /// [`Check::run`] with the policies' lint findings already known (they depend on the
+    /// policies and the inventory, not on the flows: the agent lints once per change).
+    pub fn run_linted(&self, flows: &FlowFile, lint: Vec<Finding>) -> Result<Report, InputError> {
+        self.run_kept(flows, lint, None)
+    }
+
+    /// [`Check::run_linted`] reusing `selections` (of the same policies and inventory).
+    pub fn run_kept(
+        &self,
+        flows: &FlowFile,
+        lint: Vec<Finding>,
+        selections: Option<&Selections>,
+    ) -> Result<Report, InputError> {
         let inv = self.inventory;
         let resolver = Resolver::new(inv, self.chart, &flows.flows)?;
         let mut notes = resolver.notes.clone();
-        let ev = Evaluator::new(inv, self.policies);
+        let ev = Evaluator::with_selections(inv, self.policies, selections);
         let engine = self.chart.map(Chart::engine);
         let values = self.chart.map(|c| &c.values).unwrap_or(default_values());
         let mut verdicts = Vec::with_capacity(flows.flows.len());
@@ -147,7 +190,7 @@ impl Check<'_> {
             summary,
             unexpected,
             unused_rows: self.matrix.unused(&used, values)?,
-            lint: lint::lint(self.policies, inv),
+            lint,
             losses: flows.losses,
             notes,
         })

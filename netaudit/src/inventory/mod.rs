@@ -18,7 +18,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    error::{FieldError, InputError},
+    error::InputError,
     input::Document,
     model::{FlowFile, Identity, IdentityKind, Protocol},
 };
@@ -400,19 +400,6 @@ impl Inventory {
 
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty() && self.nodes.is_empty() && self.services.is_empty()
-    }
-}
-
-/// Parses a Kubernetes protocol name (absent means TCP, as the API defaults it).
-pub fn parse_protocol(p: Option<&str>) -> Result<Protocol, FieldError> {
-    match p {
-        None => Ok(Protocol::Tcp),
-        Some("TCP") => Ok(Protocol::Tcp),
-        Some("UDP") => Ok(Protocol::Udp),
-        Some("SCTP") => Ok(Protocol::Sctp),
-        Some(other) => {
-            Err(FieldError::whole(format!("`{other}` is not a protocol Kubernetes accepts (TCP, UDP or SCTP)")))
-        }
     }
 }
 

@@ -11,9 +11,8 @@ use k8s_openapi::api::{
 
 use super::{
     ContainerPort, NAMESPACE_NAME_LABEL, NamespaceInfo, NodeInfo, PodInfo, ServiceInfo, ServicePort, SliceInfo,
-    parse_protocol,
 };
-use crate::error::FieldError;
+use crate::{error::FieldError, k8s::parse_protocol};
 
 impl NamespaceInfo {
     pub fn from_api(ns: Namespace) -> NamespaceInfo {

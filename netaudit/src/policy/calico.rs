@@ -299,7 +299,7 @@ fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> R
                 let n = num(&text)?;
                 PortSpec::Range(n, n)
             }
-            None => PortSpec::Named(super::netpol::valid_port_name(&text).map_err(|e| e.within(&at))?),
+            None => PortSpec::Named(crate::k8s::valid_port_name(&text).map_err(|e| e.within(&at))?),
         };
         out.push(PortSel { protocol, port });
     }

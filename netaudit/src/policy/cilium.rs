@@ -126,7 +126,7 @@ pub fn parse(doc: &Document) -> Result<Vec<Policy>, InputError> {
         (Some(_), Some(_)) => return Err(doc.error(FieldError::whole("has both `spec` and `specs`; use one"))),
     };
     let mut out = Vec::new();
-    for (at, rule) in specs {
+    for (at, mut rule) in specs {
         let err = |e: FieldError| doc.error(e);
         let id = std::sync::Arc::new(PolicyId {
             engine: Engine::Cilium,
@@ -145,7 +145,7 @@ pub fn parse(doc: &Document) -> Result<Vec<Policy>, InputError> {
         let (ns, pods) =
             endpoint_selector(sel, namespace.as_deref(), &format!("{at}.endpointSelector")).map_err(err)?;
         let subject = Subject { ns, pods };
-        let dd = rule.enable_default_deny.unwrap_or_default();
+        let dd = rule.enable_default_deny.take().unwrap_or_default();
         let rules = |list: &Option<Vec<PeerRule>>, dir: &str, action| -> Result<Vec<Rule>, InputError> {
             let mut out = Vec::new();
             for (i, r) in list.iter().flatten().enumerate() {
@@ -161,30 +161,7 @@ pub fn parse(doc: &Document) -> Result<Vec<Policy>, InputError> {
         // Default deny per direction: explicit, or "the policy has rules there".
         let ingress_enforced = dd.ingress.unwrap_or(!ingress.is_empty() || !ingress_deny.is_empty());
         let egress_enforced = dd.egress.unwrap_or(!egress.is_empty() || !egress_deny.is_empty());
-        // `ingress: []` reads like "deny all ingress" but has no rules, so it enforces nothing.
-        let mut findings = Vec::new();
-        for (dir, list, deny, explicit) in [
-            ("ingress", &rule.ingress, &rule.ingress_deny, dd.ingress),
-            ("egress", &rule.egress, &rule.egress_deny, dd.egress),
-        ] {
-            if list.as_ref().is_some_and(|l| l.is_empty())
-                && deny.as_ref().is_none_or(|d| d.is_empty())
-                && explicit.is_none()
-            {
-                findings.push(Finding {
-                    severity: Severity::Error,
-                    code: "cilium-empty-list-enforces-nothing",
-                    policy: format!("{id} {at}.{dir}"),
-                    message: format!(
-                        "`{dir}: []` has no rules, and Cilium only enforces default deny for directions with rules: \
-                         this does not deny any {dir}"
-                    ),
-                    fix: format!(
-                        "write `{dir}: [{{}}]` (a rule that matches nothing) or `enableDefaultDeny: {{{dir}: true}}`"
-                    ),
-                });
-            }
-        }
+        let findings = empty_lists(&rule, &dd, &format!("{id} {at}"));
         let part = |ingress: Option<Vec<Rule>>, egress: Option<Vec<Rule>>, order, isolates| Policy {
             id: id.clone(),
             tier: Tier::Namespaced(order),
@@ -215,6 +192,34 @@ pub fn parse(doc: &Document) -> Result<Vec<Policy>, InputError> {
         }
     }
     Ok(out)
+}
+
+/// `ingress: []` reads like "deny all ingress" but has no rules, so it enforces nothing.
+fn empty_lists(rule: &CiliumRule, dd: &DefaultDeny, at: &str) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (dir, list, deny, explicit) in [
+        ("ingress", &rule.ingress, &rule.ingress_deny, dd.ingress),
+        ("egress", &rule.egress, &rule.egress_deny, dd.egress),
+    ] {
+        if list.as_ref().is_some_and(|l| l.is_empty())
+            && deny.as_ref().is_none_or(|d| d.is_empty())
+            && explicit.is_none()
+        {
+            findings.push(Finding {
+                severity: Severity::Error,
+                code: "cilium-empty-list-enforces-nothing",
+                policy: format!("{at}.{dir}"),
+                message: format!(
+                    "`{dir}: []` has no rules, and Cilium only enforces default deny for directions with rules: \
+                     this does not deny any {dir}"
+                ),
+                fix: format!(
+                    "write `{dir}: [{{}}]` (a rule that matches nothing) or `enableDefaultDeny: {{{dir}: true}}`"
+                ),
+            });
+        }
+    }
+    findings
 }
 
 /// `dir`: `to` on egress, `from` on ingress (for field names in messages).
@@ -345,7 +350,7 @@ fn port(p: &PortProtocol, at: &str) -> Result<PortSel, FieldError> {
             };
             PortSpec::Range(lo, hi)
         }
-        Err(_) => PortSpec::Named(super::netpol::valid_port_name(&text).map_err(|e| e.within(&format!("{at}.port")))?),
+        Err(_) => PortSpec::Named(crate::k8s::valid_port_name(&text).map_err(|e| e.within(&format!("{at}.port")))?),
     };
     Ok(PortSel { protocol, port })
 }

@@ -15,7 +15,7 @@
 //! Traffic from the pod's own node is always admitted (kubelet probes): NetworkPolicy cannot block
 //! it, and Cilium allows host→endpoint by default.
 
-use std::{cell::RefCell, collections::HashMap, rc::Rc};
+use std::{cell::RefCell, collections::HashMap, sync::Arc};
 
 use serde::Serialize;
 
@@ -89,19 +89,30 @@ pub struct ConnVerdict {
 }
 
 /// (pod address, side) → indexes of the namespaced policies selecting it.
-type SelectingCache = HashMap<(usize, Direction), Rc<Vec<usize>>>;
+type SelectingCache = HashMap<(usize, Direction), Arc<Vec<usize>>>;
+
+/// Which namespaced policies select which pod, per side: filled as flows are judged (most flows
+/// share their pods), and reusable by later evaluators of the same policies and inventory. Pods
+/// are keyed by address, so a cache must not outlive the inventory it was filled from.
+#[derive(Debug, Default)]
+pub struct Selections(RefCell<SelectingCache>);
 
 pub struct Evaluator<'a> {
     inv: &'a Inventory,
     admin: Vec<&'a Policy>,
     namespaced: Vec<&'a Policy>,
     baseline: Vec<&'a Policy>,
-    /// Namespaced policies selecting a pod, per (pod, side): most flows share their pods.
-    selecting: RefCell<SelectingCache>,
+    own: Selections,
+    kept: Option<&'a Selections>,
 }
 
 impl<'a> Evaluator<'a> {
     pub fn new(inv: &'a Inventory, policies: &'a [Policy]) -> Evaluator<'a> {
+        Evaluator::with_selections(inv, policies, None)
+    }
+
+    /// An evaluator that fills (and reuses) `kept` instead of a cache of its own.
+    pub fn with_selections(inv: &'a Inventory, policies: &'a [Policy], kept: Option<&'a Selections>) -> Evaluator<'a> {
         let mut admin = Vec::new();
         let mut namespaced = Vec::new();
         let mut baseline = Vec::new();
@@ -121,7 +132,7 @@ impl<'a> Evaluator<'a> {
         admin.sort_by(by_precedence);
         namespaced.sort_by(by_precedence);
         baseline.sort_by(by_precedence);
-        Evaluator { inv, admin, namespaced, baseline, selecting: RefCell::default() }
+        Evaluator { inv, admin, namespaced, baseline, own: Selections::default(), kept }
     }
 
     pub fn inventory(&self) -> &'a Inventory {
@@ -198,12 +209,13 @@ impl<'a> Evaluator<'a> {
 
     /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
     /// order.
-    fn selecting(&self, pod: &PodInfo, side: Direction) -> Rc<Vec<usize>> {
+    fn selecting(&self, pod: &PodInfo, side: Direction) -> Arc<Vec<usize>> {
+        let cache = &self.kept.unwrap_or(&self.own).0;
         let key = (pod as *const PodInfo as usize, side);
-        if let Some(v) = self.selecting.borrow().get(&key) {
+        if let Some(v) = cache.borrow().get(&key) {
             return v.clone();
         }
-        let v: Rc<Vec<usize>> = Rc::new(
+        let v: Arc<Vec<usize>> = Arc::new(
             self.namespaced
                 .iter()
                 .enumerate()
@@ -211,7 +223,7 @@ impl<'a> Evaluator<'a> {
                 .map(|(i, _)| i)
                 .collect(),
         );
-        self.selecting.borrow_mut().insert(key, v.clone());
+        cache.borrow_mut().insert(key, v.clone());
         v
     }
 

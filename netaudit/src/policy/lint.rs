@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Action, Engine, NsSel, PeerSel, Policy, PortSpec, Rule, Tier, cnp::MAX_PRIORITY};
+use super::{Action, Engine, NsSel, PeerSel, Policy, PortSpec, Rule, Tier, cluster_network_policy::MAX_PRIORITY};
 use crate::{
     inventory::{Inventory, Owner},
     model::{DNS_PORT, Protocol},
@@ -81,50 +81,7 @@ pub fn lint(policies: &[Policy], inv: &Inventory) -> Vec<Finding> {
                                 .into(),
                         })
                     }
-                    Engine::Cilium if side == "egress" && r.action == Action::Allow => {
-                        if is_dns(r)
-                            && !inv.pods.is_empty()
-                            && let Some((ns, sel)) = pod_selector_of(&r.peer)
-                        {
-                            let any = inv.pods.iter().any(|pod| ns_fits(ns, &pod.namespace) && sel.matches(&pod.labels));
-                            if !any {
-                                let dns_labels: Vec<String> = inv
-                                    .pods
-                                    .iter()
-                                    .filter(|p| serves_dns(inv, p))
-                                    .flat_map(|p| p.labels.iter().map(|(k, v)| format!("{k}={v}")))
-                                    .collect();
-                                out.push(Finding {
-                                    severity: Severity::Error,
-                                    code: "cilium-dns-selector-matches-nothing",
-                                    policy: at.clone(),
-                                    message: format!(
-                                        "this DNS rule selects pods `{sel}` that no pod in the inventory has: DNS is cut{}",
-                                        if dns_labels.is_empty() {
-                                            String::new()
-                                        } else {
-                                            format!(" (the DNS pods are labelled {})", dns_labels.join(", "))
-                                        }
-                                    ),
-                                    fix: "select the DNS pods by the labels they really carry, in networkPolicy.cilium.egress \
-                                          (set networkPolicy.egress.dns: false to drop the chart's own rule)"
-                                        .into(),
-                                });
-                            }
-                        }
-                        if let Some(ip) = cidr_covering_apiserver(&r.peer, inv) {
-                            out.push(Finding {
-                                severity: Severity::Error,
-                                code: "cilium-cidr-apiserver",
-                                policy: at,
-                                message: format!(
-                                    "this CIDR rule covers the apiserver ({ip}), but Cilium never matches the apiserver by CIDR: \
-                                     it carries the kube-apiserver identity"
-                                ),
-                                fix: "use `toEntities: [kube-apiserver]` for the apiserver".into(),
-                            });
-                        }
-                    }
+                    Engine::Cilium if side == "egress" && r.action == Action::Allow => cilium_egress(r, at, inv, &mut out),
                     _ => {}
                 }
             }
@@ -132,6 +89,52 @@ pub fn lint(policies: &[Policy], inv: &Inventory) -> Vec<Finding> {
     }
     out.sort_by(|a, b| a.severity.cmp(&b.severity).then_with(|| a.policy.cmp(&b.policy)));
     out
+}
+
+/// Cilium egress allows: a DNS rule whose selector no DNS pod matches, a CIDR over the apiserver.
+fn cilium_egress(r: &Rule, at: String, inv: &Inventory, out: &mut Vec<Finding>) {
+    if is_dns(r)
+        && !inv.pods.is_empty()
+        && let Some((ns, sel)) = pod_selector_of(&r.peer)
+    {
+        let any = inv.pods.iter().any(|pod| ns_fits(ns, &pod.namespace) && sel.matches(&pod.labels));
+        if !any {
+            let dns_labels: Vec<String> = inv
+                .pods
+                .iter()
+                .filter(|p| serves_dns(inv, p))
+                .flat_map(|p| p.labels.iter().map(|(k, v)| format!("{k}={v}")))
+                .collect();
+            out.push(Finding {
+                severity: Severity::Error,
+                code: "cilium-dns-selector-matches-nothing",
+                policy: at.clone(),
+                message: format!(
+                    "this DNS rule selects pods `{sel}` that no pod in the inventory has: DNS is cut{}",
+                    if dns_labels.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (the DNS pods are labelled {})", dns_labels.join(", "))
+                    }
+                ),
+                fix: "select the DNS pods by the labels they really carry, in networkPolicy.cilium.egress \
+                          (set networkPolicy.egress.dns: false to drop the chart's own rule)"
+                    .into(),
+            });
+        }
+    }
+    if let Some(ip) = cidr_covering_apiserver(&r.peer, inv) {
+        out.push(Finding {
+            severity: Severity::Error,
+            code: "cilium-cidr-apiserver",
+            policy: at,
+            message: format!(
+                "this CIDR rule covers the apiserver ({ip}), but Cilium never matches the apiserver by CIDR: \
+                     it carries the kube-apiserver identity"
+            ),
+            fix: "use `toEntities: [kube-apiserver]` for the apiserver".into(),
+        });
+    }
 }
 
 fn pods_only(p: &PeerSel) -> bool {

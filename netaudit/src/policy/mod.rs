@@ -8,10 +8,10 @@
 
 pub mod calico;
 pub mod cilium;
-pub mod cnp;
+pub mod cluster_network_policy;
 pub mod evaluate;
+pub mod kubernetes;
 pub mod lint;
-pub mod netpol;
 pub mod selector;
 #[cfg(test)]
 mod semantics_tests;
@@ -274,12 +274,14 @@ pub fn from_documents(docs: Vec<Document>) -> Result<(Vec<Policy>, Vec<Document>
     for doc in docs {
         let group = doc.api_version().split('/').next().unwrap_or("");
         match (doc.api_version(), group, doc.kind()) {
-            ("networking.k8s.io/v1", _, "NetworkPolicy") => out.push(netpol::parse(&doc)?),
+            ("networking.k8s.io/v1", _, "NetworkPolicy") => out.push(kubernetes::parse(&doc)?),
             ("cilium.io/v2", _, "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy") => {
                 out.extend(cilium::parse(&doc)?)
             }
             ("projectcalico.org/v3", _, "NetworkPolicy" | "GlobalNetworkPolicy") => out.push(calico::parse(&doc)?),
-            ("policy.networking.k8s.io/v1alpha2", _, "ClusterNetworkPolicy") => out.push(cnp::parse(&doc)?),
+            ("policy.networking.k8s.io/v1alpha2", _, "ClusterNetworkPolicy") => {
+                out.push(cluster_network_policy::parse(&doc)?)
+            }
             (_, "networking.k8s.io" | "cilium.io" | "projectcalico.org" | "policy.networking.k8s.io", _)
                 if doc.kind().contains("Policy") =>
             {

@@ -9,13 +9,33 @@
 //! no pod, so what is measured is the inventory's cost. Figures:
 //! time until `/readyz` answers (every first list arrived) and the agent's resident memory then
 //! and 5 s later (VmRSS, VmHWM from /proc). Three rounds each; the median is printed.
+//!
+//! First, without a control plane: the cost of one look's judging at a full flow map — the
+//! synthetic cluster and 100 000 flows of `bench check` (tests/src/synthetic.rs), the judge in
+//! watch mode with the chart's values; one look with every flow new (the first look, or one
+//! after a policy change) against looks where 1 % of the flows are new, in the same run.
 
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use netaudit_tests::{Bpffs, cluster::TestCluster, free_ports, http_get, netaudit_bin};
+use netaudit::{
+    agent::{
+        drift::{Detector, Limits},
+        judge::{Generations, Judge},
+    },
+    chart::Values,
+    inventory::Inventory,
+    matrix::Matrix,
+    policy,
+};
+use netaudit_tests::{
+    Bpffs,
+    cluster::TestCluster,
+    free_ports, http_get, netaudit_bin,
+    synthetic::{FLOWS, Lcg, cluster as synthetic_cluster, flows},
+};
 use serde_json::{Value, json};
 
 const SIZES: [usize; 3] = [0, 2_000, 10_000];
@@ -162,7 +182,45 @@ fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
     v[v.len() / 2]
 }
 
+/// One look's judging at a full flow map: every flow new, against 1 % new. Returns the medians
+/// (seconds).
+fn looks() -> (f64, f64, usize) {
+    let mut rng = Lcg(42);
+    let (inventory, rest) = Inventory::from_documents(synthetic_cluster(&mut rng)).unwrap();
+    let (policies, _) = policy::from_documents(rest).unwrap();
+    let base = flows(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("values.yaml");
+    std::fs::write(&p, "networkPolicy: {enabled: true, egress: {enabled: true}}\n").unwrap();
+    let values = Values::load(&p).unwrap();
+    let (mut full, mut incremental) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS as u64 {
+        let mut judge = Judge::new(Some(values.clone()), Matrix::default_matrix(), Detector::new(Limits::default()));
+        let g = Generations { inventory: 1, policies: 1 };
+        let t = Instant::now();
+        judge.look(&base, &inventory, &policies, g, std::iter::empty(), Instant::now()).unwrap();
+        full.push(t.elapsed().as_secs_f64());
+        for step in 1..=3u64 {
+            // 1 % of the flows grew (new packets): judged again; the rest keep their verdicts.
+            let mut file = base.clone();
+            for f in file.flows.iter_mut().skip(((round * 3 + step) % 100) as usize).step_by(100) {
+                f.packets += step;
+            }
+            let t = Instant::now();
+            let look = judge.look(&file, &inventory, &policies, g, std::iter::empty(), Instant::now()).unwrap();
+            incremental.push(t.elapsed().as_secs_f64());
+            assert_eq!(look.judged, FLOWS / 100);
+        }
+    }
+    (median(full), median(incremental), policies.len())
+}
+
 fn main() {
+    let (full, incremental, policies) = looks();
+    println!("netaudit agent: one look's judging at {FLOWS} flows, {policies} policies (median of {ROUNDS})");
+    println!("  every flow new (first look, or a policy change)   {:>8.1} ms", full * 1e3);
+    println!("  1 % of the flows new or grown                       {:>8.1} ms", incremental * 1e3);
+    println!();
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("the agent benchmark loads eBPF programs: run it as root (cargo xtask bench agent)");

@@ -66,26 +66,7 @@ fn run(args: &[String]) -> Result<()> {
             }
             "udp" | "udp-connected" => {
                 let addr: SocketAddr = sub(arg(i + 1)?).parse()?;
-                let n: u32 = arg(i + 2)?.parse()?;
-                let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
-                sock.set_read_timeout(Some(TIMEOUT))?;
-                let connected = args[i] == "udp-connected";
-                if connected {
-                    sock.connect(addr)?;
-                }
-                let mut buf = [0u8; 2048];
-                for k in 0..n {
-                    let msg = format!("ping {k}");
-                    if connected {
-                        sock.send(msg.as_bytes())?
-                    } else {
-                        sock.send_to(msg.as_bytes(), addr)?
-                    };
-                    let got = sock.recv(&mut buf).with_context(|| format!("no UDP reply {k} from {addr}"))?;
-                    if &buf[..got] != msg.as_bytes() {
-                        bail!("UDP reply {k} from {addr} differs");
-                    }
-                }
+                udp_echo(addr, arg(i + 2)?.parse()?, args[i] == "udp-connected")?;
                 i += 3;
             }
             "udp-ports" => {
@@ -142,6 +123,30 @@ fn run(args: &[String]) -> Result<()> {
                 i += 1;
             }
             other => bail!("unknown step `{other}`"),
+        }
+    }
+    Ok(())
+}
+
+/// `n` datagrams to an echo server at `addr`, each answered in kind; from a connected socket or
+/// with `sendto`.
+fn udp_echo(addr: SocketAddr, n: u32, connected: bool) -> Result<()> {
+    let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    sock.set_read_timeout(Some(TIMEOUT))?;
+    if connected {
+        sock.connect(addr)?;
+    }
+    let mut buf = [0u8; 2048];
+    for k in 0..n {
+        let msg = format!("ping {k}");
+        if connected {
+            sock.send(msg.as_bytes())?
+        } else {
+            sock.send_to(msg.as_bytes(), addr)?
+        };
+        let got = sock.recv(&mut buf).with_context(|| format!("no UDP reply {k} from {addr}"))?;
+        if &buf[..got] != msg.as_bytes() {
+            bail!("UDP reply {k} from {addr} differs");
         }
     }
     Ok(())

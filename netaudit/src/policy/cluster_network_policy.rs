@@ -169,61 +169,66 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, FieldError> {
     }
     let mut peers = Vec::new();
     for (i, p) in r.to.iter().enumerate() {
-        let at = format!("{peers_at}[{i}]");
-        let set = [
-            p.namespaces.is_some(),
-            p.pods.is_some(),
-            p.nodes.is_some(),
-            p.networks.is_some(),
-            p.domain_names.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if set > 1 {
-            return Err(FieldError::new(
-                at,
-                "a peer sets exactly one of namespaces, pods, nodes, networks, domainNames",
-            ));
-        }
-        if !egress && (p.nodes.is_some() || p.networks.is_some() || p.domain_names.is_some()) {
-            return Err(FieldError::new(at, "ingress peers are namespaces or pods only"));
-        }
-        peers.push(if let Some(ns) = &p.namespaces {
-            PeerSel::Pods { ns: ns_sel(ns, &format!("{at}.namespaces"))?, pods: Selector::everything() }
-        } else if let Some(pods) = &p.pods {
-            PeerSel::Pods {
-                ns: ns_sel(&pods.namespace_selector, &format!("{at}.pods.namespaceSelector"))?,
-                pods: label(&pods.pod_selector, &format!("{at}.pods.podSelector"))?,
-            }
-        } else if let Some(nodes) = &p.nodes {
-            PeerSel::Nodes(label(nodes, &format!("{at}.nodes"))?)
-        } else if let Some(nets) = &p.networks {
-            let mut any = Vec::new();
-            for (j, n) in nets.iter().enumerate() {
-                any.push(PeerSel::Ip {
-                    net: parse_cidr(n, &format!("{at}.networks[{j}]"))?,
-                    except: Vec::new(),
-                    world_only: false,
-                });
-            }
-            PeerSel::AnyOf(any)
-        } else if let Some(names) = &p.domain_names {
-            if action != Action::Allow {
-                return Err(FieldError::new(format!("{at}.domainNames"), "only Accept rules may use domainNames"));
-            }
-            // `*.example.com` matches one or more labels.
-            PeerSel::Fqdn(
-                names.iter().map(|n| n.strip_prefix("*.").map(|s| format!("**.{s}")).unwrap_or(n.clone())).collect(),
-            )
-        } else if action == Action::Allow {
-            PeerSel::Nothing
-        } else {
-            PeerSel::Any
-        });
+        peers.push(peer(p, &format!("{peers_at}[{i}]"), egress, action)?);
     }
+    let ports = protocols(&r.protocols, at)?;
+    let peer = if peers.len() == 1 { peers.pop().unwrap() } else { PeerSel::AnyOf(peers) };
+    let label = r.name.clone().filter(|n| !n.is_empty()).map(|n| format!("{at} ({n})")).unwrap_or(at.to_string());
+    Ok(Rule { label, action, peer, ports, not_ports: Vec::new(), local: None })
+}
+
+/// One `to`/`from` entry: it sets exactly one kind of peer.
+fn peer(p: &PeerSpec, at: &str, egress: bool, action: Action) -> Result<PeerSel, FieldError> {
+    let set =
+        [p.namespaces.is_some(), p.pods.is_some(), p.nodes.is_some(), p.networks.is_some(), p.domain_names.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+    if set > 1 {
+        return Err(FieldError::new(at, "a peer sets exactly one of namespaces, pods, nodes, networks, domainNames"));
+    }
+    if !egress && (p.nodes.is_some() || p.networks.is_some() || p.domain_names.is_some()) {
+        return Err(FieldError::new(at, "ingress peers are namespaces or pods only"));
+    }
+    Ok(if let Some(ns) = &p.namespaces {
+        PeerSel::Pods { ns: ns_sel(ns, &format!("{at}.namespaces"))?, pods: Selector::everything() }
+    } else if let Some(pods) = &p.pods {
+        PeerSel::Pods {
+            ns: ns_sel(&pods.namespace_selector, &format!("{at}.pods.namespaceSelector"))?,
+            pods: label(&pods.pod_selector, &format!("{at}.pods.podSelector"))?,
+        }
+    } else if let Some(nodes) = &p.nodes {
+        PeerSel::Nodes(label(nodes, &format!("{at}.nodes"))?)
+    } else if let Some(nets) = &p.networks {
+        let mut any = Vec::new();
+        for (j, n) in nets.iter().enumerate() {
+            any.push(PeerSel::Ip {
+                net: parse_cidr(n, &format!("{at}.networks[{j}]"))?,
+                except: Vec::new(),
+                world_only: false,
+            });
+        }
+        PeerSel::AnyOf(any)
+    } else if let Some(names) = &p.domain_names {
+        if action != Action::Allow {
+            return Err(FieldError::new(format!("{at}.domainNames"), "only Accept rules may use domainNames"));
+        }
+        // `*.example.com` matches one or more labels.
+        PeerSel::Fqdn(
+            names.iter().map(|n| n.strip_prefix("*.").map(|s| format!("**.{s}")).unwrap_or(n.clone())).collect(),
+        )
+    } else if action == Action::Allow {
+        PeerSel::Nothing
+    } else {
+        PeerSel::Any
+    })
+}
+
+/// `protocols`: each sets exactly one of tcp, udp, sctp (with an optional port or range), or a
+/// named destination port.
+fn protocols(list: &[ProtocolSpec], at: &str) -> Result<Vec<PortSel>, FieldError> {
     let mut ports = Vec::new();
-    for (i, p) in r.protocols.iter().enumerate() {
+    for (i, p) in list.iter().enumerate() {
         let at = format!("{at}.protocols[{i}]");
         let entries = [(Protocol::Tcp, &p.tcp), (Protocol::Udp, &p.udp), (Protocol::Sctp, &p.sctp)];
         let set = entries.iter().filter(|(_, v)| v.is_some()).count() + usize::from(p.destination_named_port.is_some());
@@ -239,14 +244,14 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, FieldError> {
             let port = match &v.destination_port {
                 None => PortSpec::Any,
                 Some(PortSpecJson { number: Some(n), range: None }) => {
-                    let n = super::netpol::port_number(*n).ok_or_else(|| {
+                    let n = crate::k8s::port_number(*n).ok_or_else(|| {
                         FieldError::new(format!("{at}.destinationPort.number"), format!("{n} is not a port (1-65535)"))
                     })?;
                     PortSpec::Range(n, n)
                 }
                 Some(PortSpecJson { number: None, range: Some(r) }) => {
-                    let lo = super::netpol::port_number(r.start);
-                    let hi = super::netpol::port_number(r.end);
+                    let lo = crate::k8s::port_number(r.start);
+                    let hi = crate::k8s::port_number(r.end);
                     match (lo, hi) {
                         (Some(lo), Some(hi)) if lo < hi => PortSpec::Range(lo, hi),
                         _ => {
@@ -262,7 +267,5 @@ fn rule(r: &RuleSpec, at: &str, egress: bool) -> Result<Rule, FieldError> {
             ports.push(PortSel { protocol: Some(proto), port });
         }
     }
-    let peer = if peers.len() == 1 { peers.pop().unwrap() } else { PeerSel::AnyOf(peers) };
-    let label = r.name.clone().filter(|n| !n.is_empty()).map(|n| format!("{at} ({n})")).unwrap_or(at.to_string());
-    Ok(Rule { label, action, peer, ports, not_ports: Vec::new(), local: None })
+    Ok(ports)
 }

@@ -1,4 +1,4 @@
-//! `networking.k8s.io/v1` NetworkPolicy, read with the k8s-openapi types.
+//! The kubernetes dialect: `networking.k8s.io/v1` NetworkPolicy, read with the k8s-openapi types.
 //!
 //! Semantics (kubernetes.io/docs/concepts/services-networking/network-policies): a policy isolates
 //! the pods it selects for each of its `policyTypes` (default: Ingress, plus Egress when it has
@@ -16,7 +16,7 @@ use super::{
 use crate::{
     error::{FieldError, InputError},
     input::Document,
-    inventory::parse_protocol,
+    k8s::{parse_protocol, port_number, valid_port_name},
 };
 
 pub fn parse(doc: &Document) -> Result<Policy, InputError> {
@@ -170,24 +170,4 @@ fn ports(list: Option<&[NetworkPolicyPort]>, at: &str) -> Result<Vec<PortSel>, F
         out.push(PortSel { protocol: Some(protocol), port });
     }
     Ok(out)
-}
-
-pub(crate) fn port_number(n: i32) -> Option<u16> {
-    u16::try_from(n).ok().filter(|p| *p > 0)
-}
-
-/// An IANA_SVC_NAME, as container port names must be: ≤ 15 chars, lowercase alphanumerics and
-/// '-', at least one letter.
-pub(crate) fn valid_port_name(s: &str) -> Result<String, FieldError> {
-    let ok = !s.is_empty()
-        && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && s.bytes().any(|b| b.is_ascii_lowercase())
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(FieldError::whole(format!("`{s}` is neither a port number nor a valid port name")))
-    }
 }

@@ -1,0 +1,247 @@
+//! The judge (watch mode): each look, the flows that are new or grew since they were last judged
+//! are resolved, checked against the policies in force (plus the chart's, from its values) and
+//! the matrix, and handed to the drift detector. Verdicts are kept per flow, so a look costs in
+//! proportion to what changed, not to the flow map.
+//!
+//! When the policies change, every flow is judged again at once. When only the inventory changes
+//! (pods come and go all day in a busy cluster), the verdicts of flows that did not change are
+//! judged again at most every [`REJUDGE_PERIOD`]: a verdict that a changed label or backend
+//! turns is at most that late.
+
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use super::drift::{Alert, Detector};
+use crate::{
+    chart::{Chart, Release, Values},
+    check::{Check, FlowVerdict, Report},
+    error::InputError,
+    inventory::{Inventory, PodInfo},
+    matrix::Matrix,
+    model::{Direction, Flow, FlowFile, Protocol},
+    policy::{
+        Policy,
+        evaluate::Selections,
+        lint::{self, Finding},
+    },
+};
+
+/// What a flow's verdict depends on in the flow (not its counters), hashable without
+/// allocating: a look at a full flow map looks every flow up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    direction: Option<Direction>,
+    protocol: Protocol,
+    src: IpAddr,
+    dst: IpAddr,
+    port: Option<u16>,
+    internal: bool,
+    /// The cgroup's and the DNS names' hash (names learned later can change an FQDN verdict).
+    rest: u64,
+}
+
+impl Key {
+    fn of(f: &Flow) -> Key {
+        let mut h = DefaultHasher::new();
+        (&f.cgroup, &f.dst.names).hash(&mut h);
+        Key {
+            direction: f.direction,
+            protocol: f.protocol,
+            src: f.src.ip,
+            dst: f.dst.ip,
+            port: f.dst.port,
+            internal: f.internal,
+            rest: h.finish(),
+        }
+    }
+}
+
+/// The policies in force for `release`, rendered and linted again only when they changed.
+fn in_force<'a>(
+    kept: &'a mut Option<InForce>,
+    values: Option<&Values>,
+    inventory: &Inventory,
+    policies: &[Policy],
+    generations: Generations,
+    release: Release,
+) -> Result<&'a InForce, InputError> {
+    let stale = kept.as_ref().is_none_or(|f| f.generations != generations || f.release != release);
+    if stale {
+        let chart = values.cloned().map(|values| Chart { values, release: release.clone() });
+        let mut all = policies.to_vec();
+        if let Some(c) = &chart {
+            all.extend(c.policies()?);
+        }
+        let lint = lint::lint(&all, inventory);
+        *kept = Some(InForce { generations, release, chart, policies: all, lint, selections: Selections::default() });
+    }
+    Ok(kept.as_ref().expect("just set"))
+}
+
+/// The policies a look judges with (the cluster's plus the chart's), and the lint of them:
+/// kept until the cluster or the release changes.
+struct InForce {
+    generations: Generations,
+    release: Release,
+    chart: Option<Chart>,
+    policies: Vec<Policy>,
+    lint: Vec<Finding>,
+    /// Which policies select which pod: valid as long as the inventory they were read from.
+    selections: Selections,
+}
+
+/// The longest an unchanged flow's verdict may lag an inventory change.
+pub const REJUDGE_PERIOD: Duration = Duration::from_secs(30);
+
+/// What a verdict was judged against: the generations of the inventory and of the policies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Generations {
+    pub inventory: u64,
+    pub policies: u64,
+}
+
+pub struct Judge {
+    values: Option<Values>,
+    matrix: Matrix,
+    pub detector: Detector,
+    /// Per flow: the packets it had when judged, and its verdict.
+    verdicts: HashMap<Key, (u64, FlowVerdict)>,
+    in_force: Option<InForce>,
+    /// What the kept verdicts were judged against, and when every flow was last judged.
+    judged: Option<(Generations, Instant)>,
+    /// The last report's parts that are not per flow (summary, lint, unused rows, notes).
+    last: Option<Report>,
+}
+
+/// One look's result.
+pub struct Look {
+    pub alerts: Vec<Alert>,
+    /// How many flows were judged (the rest kept their verdicts).
+    pub judged: usize,
+}
+
+impl Judge {
+    pub fn new(values: Option<Values>, matrix: Matrix, detector: Detector) -> Judge {
+        Judge { values, matrix, detector, verdicts: HashMap::new(), in_force: None, judged: None, last: None }
+    }
+
+    /// Judges what changed in `file` against `inventory` and `policies`; `audited` are the pods
+    /// the flows come from (the chart's release is read from them).
+    pub fn look<'p>(
+        &mut self,
+        file: &FlowFile,
+        inventory: &Inventory,
+        policies: &[Policy],
+        generations: Generations,
+        audited: impl IntoIterator<Item = &'p PodInfo>,
+        now: Instant,
+    ) -> Result<Look, InputError> {
+        let everything = match self.judged {
+            None => true,
+            Some((g, _)) if g.policies != generations.policies => true,
+            Some((g, at)) => g.inventory != generations.inventory && now.duration_since(at) >= REJUDGE_PERIOD,
+        };
+        if everything {
+            self.verdicts.clear();
+            self.judged = Some((generations, now));
+        }
+        let changed: Vec<_> = (file.flows.iter())
+            .filter(|f| self.verdicts.get(&Key::of(f)).is_none_or(|(packets, _)| *packets < f.packets.max(1)))
+            .cloned()
+            .collect();
+        if changed.is_empty() {
+            return Ok(Look { alerts: Vec::new(), judged: 0 });
+        }
+        let subset = FlowFile { flows: changed, sources: Vec::new(), ..file.clone_header() };
+        let mut audited = audited.into_iter().peekable();
+        let fallback = audited.peek().map_or("default".to_string(), |p| p.namespace.clone());
+        let (release, _) = Release::infer(None, None, audited, &fallback);
+        let f = in_force(&mut self.in_force, self.values.as_ref(), inventory, policies, generations, release)?;
+        let check = Check { inventory, policies: &f.policies, chart: f.chart.as_ref(), matrix: &self.matrix };
+        let mut report = check.run_kept(&subset, f.lint.clone(), Some(&f.selections))?;
+        let alerts = self.detector.observe(&subset, &report, now);
+        for v in report.verdicts.drain(..) {
+            let f = &subset.flows[v.index];
+            self.verdicts.insert(Key::of(f), (f.packets.max(1), v));
+        }
+        let judged = subset.flows.len();
+        self.last = Some(report);
+        Ok(Look { alerts, judged })
+    }
+
+    /// The report over every flow of `file` judged so far, in its order (for `/report`): built
+    /// when asked for, not every look.
+    pub fn report(&self, file: &FlowFile) -> Option<Report> {
+        let last = self.last.as_ref()?;
+        let mut verdicts = Vec::with_capacity(file.flows.len());
+        for (index, f) in file.flows.iter().enumerate() {
+            if let Some((_, v)) = self.verdicts.get(&Key::of(f)) {
+                let mut v = v.clone();
+                v.index = index;
+                verdicts.push(v);
+            }
+        }
+        Some(Report::assemble(verdicts, last, file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        agent::drift::Limits,
+        model::{Direction, Flow, Protocol},
+    };
+
+    fn flow(dst: &str, port: u16, packets: u64) -> Flow {
+        Flow::new(Protocol::Tcp, "10.0.0.5".parse().unwrap(), dst.parse().unwrap(), Some(port))
+            .with_direction(Direction::Egress)
+            .with_traffic((packets, packets * 100), (0, 0))
+            .with_connections(1)
+            .in_cgroup("/pod-a")
+    }
+
+    /// Egress on, DNS only: every flow to 443 is cut.
+    fn judge() -> (Judge, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("values.yaml");
+        std::fs::write(&p, "networkPolicy: {enabled: true, egress: {enabled: true}}\n").unwrap();
+        let values = Values::load(&p).unwrap();
+        (Judge::new(Some(values), Matrix::default_matrix(), Detector::new(Limits::default())), dir)
+    }
+
+    #[test]
+    fn only_what_changed_is_judged_until_the_cluster_moves() {
+        let (mut j, _dir) = judge();
+        let inv = Inventory::default();
+        let t0 = Instant::now();
+        let g = Generations { inventory: 1, policies: 1 };
+        let look = |j: &mut Judge, flows: &[Flow], g, t| {
+            let file = FlowFile::new(flows.to_vec());
+            j.look(&file, &inv, &[], g, std::iter::empty(), t).unwrap()
+        };
+        let mut flows = vec![flow("192.0.2.7", 443, 3), flow("192.0.2.8", 443, 1)];
+        let first = look(&mut j, &flows, g, t0);
+        assert_eq!((first.judged, first.alerts.len()), (2, 2));
+        assert_eq!(look(&mut j, &flows, g, t0).judged, 0, "nothing changed");
+        flows[0] = flow("192.0.2.7", 443, 9);
+        flows.push(flow("192.0.2.9", 443, 1));
+        assert_eq!(look(&mut j, &flows, g, t0).judged, 2, "one grew, one is new");
+        // A pod changed somewhere: unchanged flows keep their verdicts for a while...
+        let moved = Generations { inventory: 2, ..g };
+        assert_eq!(look(&mut j, &flows, moved, t0 + Duration::from_secs(1)).judged, 0);
+        // ...and are judged again once the period is over.
+        assert_eq!(look(&mut j, &flows, moved, t0 + REJUDGE_PERIOD).judged, 3);
+        // A policy change re-judges everything at once.
+        let policy = Generations { policies: 2, ..moved };
+        assert_eq!(look(&mut j, &flows, policy, t0 + REJUDGE_PERIOD).judged, 3);
+        // The report covers every flow, in the file's order.
+        let report = j.report(&FlowFile::new(flows.clone())).unwrap();
+        let indexes: Vec<usize> = report.verdicts.iter().map(|v| v.index).collect();
+        assert_eq!((indexes, report.summary.cut, report.summary.flows), (vec![0, 1, 2], 3, 3));
+    }
+}
