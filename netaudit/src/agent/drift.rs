@@ -161,7 +161,7 @@ impl Detector {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{
         chart::{Chart, Release, Values},
@@ -171,7 +171,8 @@ mod tests {
         model::{Direction, Losses, Protocol},
     };
 
-    fn flow(dst: &str, port: u16, packets: u64) -> Flow {
+    /// An egress TCP flow of pod `/pod-a` (10.0.0.5) to `dst:port`.
+    pub(crate) fn flow(dst: &str, port: u16, packets: u64) -> Flow {
         Flow::new(Protocol::Tcp, "10.0.0.5".parse().unwrap(), dst.parse().unwrap(), Some(port))
             .with_direction(Direction::Egress)
             .with_traffic((packets, packets * 100), (0, 0))

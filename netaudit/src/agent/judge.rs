@@ -192,18 +192,7 @@ impl Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        agent::drift::Limits,
-        model::{Direction, Flow, Protocol},
-    };
-
-    fn flow(dst: &str, port: u16, packets: u64) -> Flow {
-        Flow::new(Protocol::Tcp, "10.0.0.5".parse().unwrap(), dst.parse().unwrap(), Some(port))
-            .with_direction(Direction::Egress)
-            .with_traffic((packets, packets * 100), (0, 0))
-            .with_connections(1)
-            .in_cgroup("/pod-a")
-    }
+    use crate::agent::drift::{Limits, tests::flow};
 
     /// Egress on, DNS only: every flow to 443 is cut.
     fn judge() -> (Judge, tempfile::TempDir) {

@@ -56,6 +56,21 @@ pub struct Summary {
     pub policies: usize,
 }
 
+impl Summary {
+    /// The counts over `verdicts`, and the indexes of the unexpected flows.
+    fn of(verdicts: &[FlowVerdict], policies: usize) -> (Summary, Vec<usize>) {
+        let unexpected: Vec<usize> = verdicts.iter().filter(|v| v.matrix.unexpected).map(|v| v.index).collect();
+        let summary = Summary {
+            flows: verdicts.len(),
+            allowed: verdicts.iter().filter(|v| v.allowed).count(),
+            cut: verdicts.iter().filter(|v| !v.allowed).count(),
+            unexpected: unexpected.len(),
+            policies,
+        };
+        (summary, unexpected)
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EndpointView {
     pub ip: IpAddr,
@@ -112,14 +127,7 @@ impl Report {
     /// A report over `verdicts` (of `file`'s flows, each judged in some earlier report) with the
     /// parts that are not per flow (lint, notes, policies) from `last`, the latest of them.
     pub fn assemble(verdicts: Vec<FlowVerdict>, last: &Report, file: &FlowFile) -> Report {
-        let unexpected: Vec<usize> = verdicts.iter().filter(|v| v.matrix.unexpected).map(|v| v.index).collect();
-        let summary = Summary {
-            flows: verdicts.len(),
-            allowed: verdicts.iter().filter(|v| v.allowed).count(),
-            cut: verdicts.iter().filter(|v| !v.allowed).count(),
-            unexpected: unexpected.len(),
-            policies: last.summary.policies,
-        };
+        let (summary, unexpected) = Summary::of(&verdicts, last.summary.policies);
         // Unused over all flows: what no earlier report used, less what any verdict uses now.
         let used = |id: &str| verdicts.iter().any(|v| !v.matrix.unexpected && v.matrix.row.as_deref() == Some(id));
         let unused_rows = last.unused_rows.iter().filter(|u| !used(&u.id)).cloned().collect();
@@ -172,14 +180,7 @@ impl Check<'_> {
             }
             verdicts.push(v);
         }
-        let unexpected: Vec<usize> = verdicts.iter().filter(|v| v.matrix.unexpected).map(|v| v.index).collect();
-        let summary = Summary {
-            flows: verdicts.len(),
-            allowed: verdicts.iter().filter(|v| v.allowed).count(),
-            cut: verdicts.iter().filter(|v| !v.allowed).count(),
-            unexpected: unexpected.len(),
-            policies: self.policies.len(),
-        };
+        let (summary, unexpected) = Summary::of(&verdicts, self.policies.len());
         if flows.losses.any() {
             notes.push(
                 "the flow file reports losses: some traffic was not recorded, so this check may miss cuts".to_string(),
