@@ -363,9 +363,14 @@ impl Agent {
                 self.metrics.alerts_suppressed.get_or_create(&Metrics::target(&p.target)).set(*n as i64);
             }
         }
-        if let Some(seen) = seen.filter(|s| *s != self.saved_seen.0) {
-            crate::output::write_atomically(&self.config.state_dir.join(SEEN_FILE), &seen)?;
-            self.saved_seen = (seen, Some(now));
+        // The record is serialized at most once per period even when it did not change (it
+        // grows with the flow map), and written only when it did.
+        if let Some(seen) = seen {
+            if seen != self.saved_seen.0 {
+                crate::output::write_atomically(&self.config.state_dir.join(SEEN_FILE), &seen)?;
+                self.saved_seen.0 = seen;
+            }
+            self.saved_seen.1 = Some(now);
         }
         Ok(())
     }
