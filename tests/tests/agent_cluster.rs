@@ -153,7 +153,7 @@ struct Setup {
     /// The agent reaches the API server through it.
     partition: Partition,
     // Dropped last: the cgroups, the bpffs and the directory outlive every process using them.
-    _tree: KubeletTree,
+    tree: KubeletTree,
     _bpffs: Bpffs,
     _dir: tempfile::TempDir,
 }
@@ -211,7 +211,7 @@ impl Setup {
             state,
             args,
             partition,
-            _tree: tree,
+            tree,
             _bpffs: bpffs,
             _dir: dir,
         }
@@ -269,6 +269,7 @@ fn the_agent_audits_target_pods_through_the_api_alerts_publishes_and_survives_si
     let agent = s.start_agent();
     s.wait_attached(&agent);
     node_local_discovery(&s);
+    late_cgroup(&s, &agent);
     recorded_and_enriched(&s, &agent);
     watch_mode_alerts_and_report(&s, &agent);
     let agent = sigkill_and_resume(&s, agent);
@@ -308,6 +309,26 @@ fn node_local_discovery(s: &Setup) {
             .ok()
             .filter(|l| l.contains("ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) is served"))
     });
+}
+
+/// A pod whose cgroup appears only after its object (the kubelet is slower than the API): not
+/// attached until then, attached once it exists; deleted, it is detached.
+fn late_cgroup(s: &Setup, agent: &Agent) {
+    let attached = || metric(agent.metrics, "netaudit_attached_pods{target=\"ssc\"}");
+    let mut late = s.cluster.get("pod", NS, POD);
+    let meta = late["metadata"].as_object_mut().unwrap();
+    meta.retain(|k, _| ["name", "namespace", "labels"].contains(&k.as_str()));
+    meta.insert("name".into(), "ssc-late".into());
+    late.as_object_mut().unwrap().remove("status");
+    s.cluster.apply(&[late]);
+    s.cluster.set_pod_status(NS, "ssc-late", json!({"phase": "Running", "podIP": "10.244.1.77"}));
+    let uid = s.cluster.get("pod", NS, "ssc-late")["metadata"]["uid"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(attached(), Some(1.0), "no cgroup yet: not attached");
+    s.tree.mkdir(&pod_path(Driver::Systemd, QosClass::Burstable, &uid));
+    wait("the late pod to be attached", Duration::from_secs(10), || (attached()? == 2.0).then_some(()));
+    s.cluster.delete_pod(NS, "ssc-late");
+    wait("the late pod to be detached", Duration::from_secs(10), || (attached()? == 1.0).then_some(()));
 }
 
 /// Real traffic, recorded and enriched.
@@ -360,8 +381,11 @@ fn watch_mode_alerts_and_report(s: &Setup, agent: &Agent) {
     let reports = cluster.wait_for("flowreports", Some(NS), "the pod's FlowReport", Duration::from_secs(20), |rs| {
         rs.iter().any(|r| r["metadata"]["name"] == POD && r["flowCount"].as_u64() >= Some(1))
     });
-    assert_eq!(reports.len(), 1, "only this node's pod has a report: {reports:#?}");
-    assert_eq!(reports[0]["metadata"]["labels"]["netaudit.dev/node"], NODE);
+    // Only this node's pods have reports (the controller, and the late pod audited before).
+    let names: std::collections::BTreeSet<&str> =
+        reports.iter().filter_map(|r| r["metadata"]["name"].as_str()).collect();
+    assert_eq!(names, [POD, "ssc-late"].into(), "only this node's pods have a report");
+    assert!(reports.iter().all(|r| r["metadata"]["labels"]["netaudit.dev/node"] == NODE), "{reports:#?}");
 }
 
 /// SIGKILL mid-recording; the next agent resumes without losing or repeating anything.

@@ -1,7 +1,6 @@
 //! The agent's view of the API: a watch per inventory and policy kind into typed stores of slim
 //! objects ([`super::stores`]), read by the same readers `check` uses for files (the inventory's
-//! `from_api`, the policy parsers), so the live path and the file path cannot disagree; and one
-//! node-local Pod reflector per target workload.
+//! `from_api`, the policy parsers), so the live path and the file path cannot disagree.
 
 use std::{
     sync::{
@@ -23,15 +22,10 @@ use k8s_openapi::{
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, ListParams, PartialObjectMeta},
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt, reflector::Store, watcher},
 };
 
 use super::{
-    config::Target,
     judge::Generations,
     stores::{Shared, Sink, Stores, Unreadable, watch},
 };
@@ -230,7 +224,7 @@ fn kept<K, T>(read: fn(K) -> Result<T, FieldError>) -> impl Fn(K) -> Result<Opti
 }
 
 /// Whether a store's first list has completed (without waiting).
-fn ready<K>(store: &Store<K>) -> bool
+pub(super) fn ready<K>(store: &Store<K>) -> bool
 where
     K: kube::runtime::reflector::Lookup + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -280,39 +274,7 @@ async fn wait_until_served(client: &Client, api: &Api<DynamicObject>, ar: &ApiRe
 /// How long to let a new CRD become established before listing its kind again.
 const CRD_ESTABLISH_WAIT: Duration = Duration::from_secs(1);
 
-/// The target pods on this node, one reflector per target (label and field selectors on the
-/// server, so only this node's matching pods cross the wire).
-pub struct TargetPods {
-    pub stores: Vec<(Target, Store<Pod>)>,
-}
-
-impl TargetPods {
-    pub fn start(client: &Client, node: &str, targets: &[Target]) -> TargetPods {
-        let mut stores = Vec::new();
-        for t in targets {
-            let (reader, writer) = reflector::store::<Pod>();
-            let api: Api<Pod> = Api::namespaced(client.clone(), &t.namespace);
-            let config = watcher::Config::default().fields(&format!("spec.nodeName={node}")).labels(&t.selector);
-            let name = t.name.clone();
-            tokio::spawn(async move {
-                let stream =
-                    watcher(api, config).modify(|p: &mut Pod| p.managed_fields_mut().clear()).default_backoff();
-                reflector::reflector(writer, stream)
-                    .for_each(|event| {
-                        if let Err(e) = event {
-                            tracing::warn!(target_workload = %name, "watching the target's pods: {e}");
-                        }
-                        futures::future::ready(())
-                    })
-                    .await;
-            });
-            stores.push((t.clone(), reader));
-        }
-        TargetPods { stores }
-    }
-}
-
-/// A pod to audit, as the attach loop needs it.
+/// A pod to audit, as the attach reconciler records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodRef {
     pub target: String,
@@ -338,35 +300,6 @@ impl PodRef {
             uid: Some(self.uid.clone()),
             ..Default::default()
         }
-    }
-}
-
-impl TargetPods {
-    /// The pods to audit now: running or about to (finished pods have no processes left).
-    pub fn wanted(&self) -> Vec<PodRef> {
-        let mut out = Vec::new();
-        for (t, store) in &self.stores {
-            for p in store.state() {
-                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-                if matches!(phase, Some("Succeeded" | "Failed")) {
-                    continue;
-                }
-                let Some(uid) = p.metadata.uid.clone() else { continue };
-                out.push(PodRef {
-                    target: t.name.clone(),
-                    namespace: p.namespace().unwrap_or_default(),
-                    name: p.name_any(),
-                    uid,
-                    qos: p.status.as_ref().and_then(|s| s.qos_class.clone()),
-                });
-            }
-        }
-        out
-    }
-
-    /// Whether every target's first list has arrived (before that, "no pods" means "not yet").
-    pub fn synced(&self) -> bool {
-        self.stores.iter().all(|(_, s)| ready(s))
     }
 }
 

@@ -25,6 +25,16 @@ pub enum AlertKind {
     Unexpected,
 }
 
+/// As logs name it (`alert=Cut`).
+impl std::fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AlertKind::Cut => "Cut",
+            AlertKind::Unexpected => "Unexpected",
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Alert {
     pub kind: AlertKind,

@@ -1,10 +1,12 @@
 //! The DaemonSet agent (`netaudit agent`): one per node, it audits the target workloads' pods on
-//! its node. [`cluster`] watches the API (target pods on this node, the live inventory and
-//! policies); [`cgroups`] finds a pod's cgroup; [`run`] attaches and detaches the capture as pods
-//! come and go, enriches and judges the flows ([`drift`]), and publishes them: [`http`],
-//! [`metrics`], Events, and [`reports`] (FlowReport objects). [`manifests`] is its install
-//! bundle; [`config`] what it is told.
+//! its node. [`run`] joins three tasks: [`attach`] (a controller over this node's target pods:
+//! attaches and detaches the capture as they come and go; [`cgroups`] finds a pod's cgroup),
+//! [`look`] (drains and enriches the flows from the live inventory [`cluster`] keeps in
+//! [`stores`], has the [`judge`] judge them and [`drift`] decide what to alert, [`events`] the
+//! Events) and [`publish`] ([`http`], [`metrics`], [`reports`]: FlowReport objects).
+//! [`manifests`] is its install bundle; [`config`] what it is told.
 
+pub mod attach;
 pub mod cgroups;
 pub mod cluster;
 pub mod config;
@@ -12,8 +14,10 @@ pub mod drift;
 pub mod events;
 pub mod http;
 pub mod judge;
+pub mod look;
 pub mod manifests;
 pub mod metrics;
+pub mod publish;
 pub mod reports;
 pub mod run;
 pub mod stores;

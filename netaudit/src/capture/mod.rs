@@ -420,7 +420,7 @@ impl Capture {
     /// Ends this process's part and leaves the recording running: a persistent capture's pinned
     /// links keep counting into the pinned maps until the next capture (an upgraded agent)
     /// resumes them. Without persistence this is [`Capture::stop`] minus the snapshot.
-    pub fn suspend(mut self) -> Result<()> {
+    pub fn suspend(&mut self) -> Result<()> {
         self.poll()?;
         if let Some(p) = &self.persisted {
             tracing::info!("leaving the capture pinned in {} for the next run", p.pins.display());

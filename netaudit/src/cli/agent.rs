@@ -6,7 +6,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context, Result};
 use netaudit::{
     agent::{
+        attach,
         config::{Config, File, Mode, Target},
+        look,
         manifests::{METRICS_PORT, STATE_DIR},
         reports, run,
     },
@@ -108,7 +110,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if cleanup {
         let persist = Persist { pin_dir: config.pin_dir.clone(), state_dir: config.state_dir.clone() };
         Capture::remove_persisted(&persist)?;
-        for f in [run::PODS_FILE, run::SEEN_FILE] {
+        for f in [attach::PODS_FILE, look::SEEN_FILE] {
             let _ = std::fs::remove_file(config.state_dir.join(f));
         }
         say!(
