@@ -5,8 +5,8 @@
 //! shared flow [`model`]; [`inventory`] knows the cluster (who owns an address, which Service
 //! fronts which backends); [`policy`] reads four policy engines and judges connections;
 //! [`chart`] renders the audited chart's policies from its values; [`matrix`] says which traffic
-//! the workload needs; [`check`] puts them together per flow. The CLI in the binary wires the
-//! stages to commands; [`input`] reads what users hand it, with [`error`]s that name the place.
+//! the workload needs; [`check`] puts them together per flow. The CLI (`cli/`, the `netaudit`
+//! binary) wires the stages to commands; [`input`] reads what users hand it, with [`error`]s that name the place.
 
 pub mod agent;
 pub mod capture;
@@ -17,7 +17,6 @@ pub mod graph;
 pub mod input;
 pub mod inventory;
 pub mod k8s;
-pub mod lab;
 pub mod load;
 pub mod matrix;
 pub mod model;

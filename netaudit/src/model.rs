@@ -13,6 +13,8 @@ use crate::error::{FieldError, InputError};
 pub const FLOW_FILE_VERSION: u32 = 1;
 
 pub use netaudit_ebpf::DNS_PORT;
+/// The protocols DNS answers on, in the order rules list them.
+pub const DNS_PROTOCOLS: [Protocol; 2] = [Protocol::Udp, Protocol::Tcp];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FlowFile {

@@ -68,7 +68,7 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-use netaudit::lab::host::run;
+use netaudit_lab::host::run;
 
 pub mod cluster;
 pub mod synthetic;
@@ -159,7 +159,7 @@ impl Drop for KubeletTree {
     }
 }
 
-pub use netaudit::lab::host::{Actor, Cgroup, Netns};
+pub use netaudit_lab::host::{Actor, Cgroup, Netns};
 
 /// Two hosts on one link: the audited "pod" and its "peer" (servers, clients, DNS).
 pub struct Lab {

@@ -11,7 +11,7 @@ use netaudit::model::{Direction, FlowFile, Protocol};
 use netaudit_tests::{netaudit_bin, require_kernel};
 
 fn leftovers(pid: u32) -> Vec<String> {
-    netaudit::lab::leftovers(&pid.to_string())
+    netaudit_lab::leftovers(&pid.to_string())
 }
 
 #[test]

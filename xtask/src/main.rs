@@ -62,7 +62,7 @@ fn run(args: &[String]) -> Result<()> {
         "demo" => {
             toolchain::system_packages()?;
             let env = toolchain::bootstrap(&root)?;
-            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit-cli", "--bin", "netaudit"], &[])?;
             let bin = root.join("target/release/netaudit");
             say(&format!("running {} demo {}", bin.display(), rest.join(" ")));
             let status = Command::new(&bin).arg("demo").args(rest).status().context("running the demo")?;
@@ -72,7 +72,7 @@ fn run(args: &[String]) -> Result<()> {
         }
         "build" => {
             let env = toolchain::bootstrap(&root)?;
-            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], rest)?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit-cli", "--bin", "netaudit"], rest)?;
             say(&format!("built {}", root.join("target/release/netaudit").display()));
         }
         "test" => {
@@ -81,7 +81,7 @@ fn run(args: &[String]) -> Result<()> {
             // The agent tests start private control planes from these binaries.
             controlplane::build(&root, &say)?;
             // The CLI tests run the real binary.
-            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit-cli", "--bin", "netaudit"], &[])?;
             // One profile for everything: the release build that `build` makes, so the
             // dependency graph compiles once on a small machine.
             cargo(&root, &env, &["test", "--release", "--workspace", "--exclude", "netaudit-ebpf"], rest)?;
@@ -97,7 +97,7 @@ fn run(args: &[String]) -> Result<()> {
                 Some(other) => bail!("unknown benchmark `{other}`: use kernel, check or agent"),
             };
             // The agent benchmark runs the real binary.
-            cargo(&root, &env, &["build", "--release", "--package", "netaudit", "--bin", "netaudit"], &[])?;
+            cargo(&root, &env, &["build", "--release", "--package", "netaudit-cli", "--bin", "netaudit"], &[])?;
             for bin in bins {
                 cargo(&root, &env, &["run", "--release", "--package", "netaudit-tests", "--bin", bin], &[])?;
             }

@@ -134,7 +134,7 @@ impl Agent {
         tracing::info!(
             node = %config.node_name,
             mode = %config.mode.name(),
-            targets = ?config.targets.iter().map(|t| format!("{}={}/{}", t.name, t.namespace, t.selector)).collect::<Vec<_>>(),
+            targets = %config.targets.iter().map(|t| format!("{}={}/{}", t.name, t.namespace, t.selector)).collect::<Vec<_>>().join(" "),
             "agent started"
         );
         let (stop_tx, stop) = watch::channel(false);

@@ -1,13 +1,14 @@
 //! Fix hints: what to change so the cutting end admits a flow, in the engine's own terms.
 
-use std::net::IpAddr;
+use ipnet::IpNet;
 
 use crate::{
-    inventory::{Inventory, Owner},
+    inventory::{Inventory, Labels, Owner},
     model::{Direction, Protocol},
     policy::{
-        Engine,
+        Engine, PeerRef, calico, cilium, cluster_network_policy,
         evaluate::{Decider, SideVerdict},
+        kubernetes,
     },
     resolve::Party,
 };
@@ -72,34 +73,40 @@ pub(super) fn fix(c: &Cut<'_, '_>, inv: &Inventory) -> String {
     format!("allow {dir} {}: {rule}, {proto}{port_s}{where_}{note}", peer.describe())
 }
 
-/// How the engine's rule names `peer`.
+/// How the engine's rule names `peer`, written by the engine's dialect module (JSON, which YAML
+/// reads as it is).
 fn peer_rule(engine: Option<Engine>, peer: &Party<'_>, apiserver: bool) -> String {
-    let host = match peer.ip {
-        IpAddr::V4(ip) => format!("{ip}/32"),
-        IpAddr::V6(ip) => format!("{ip}/128"),
+    let host = IpNet::from(peer.ip);
+    let no_labels = Labels::new();
+    let first_name = &peer.names[..peer.names.len().min(1)];
+    let named = match peer.owner {
+        _ if apiserver => PeerRef::Apiserver { addresses: std::slice::from_ref(&peer.ip) },
+        Owner::Pod(p) => PeerRef::Pods { namespace: &p.namespace, labels: &no_labels },
+        Owner::Node(_) => PeerRef::Node { net: host },
+        Owner::External => PeerRef::Networks { nets: std::slice::from_ref(&host), names: first_name },
     };
-    match (engine, peer.owner) {
-        (Some(Engine::Cilium), _) if apiserver => "toEntities: [kube-apiserver]".to_string(),
-        (Some(Engine::Cilium), Owner::Pod(p)) => {
-            format!("toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: {}}}}}]", p.namespace)
+    let stable_labels =
+        if matches!(named, PeerRef::Pods { .. }) { " (plus a podSelector on its stable labels)" } else { "" };
+    match engine {
+        Some(Engine::Kubernetes) => format!("to: {}{stable_labels}", json(kubernetes::write::peers(named))),
+        Some(Engine::Cilium) => {
+            let rule = json(cilium::write::egress_rule(named, &[]));
+            if first_name.is_empty() {
+                return rule;
+            }
+            let by_address = PeerRef::Networks { nets: std::slice::from_ref(&host), names: &[] };
+            format!("{rule} (with a DNS rule for visibility), or {}", json(cilium::write::egress_rule(by_address, &[])))
         }
-        (Some(Engine::Cilium), Owner::Node(_)) => "toEntities: [host, remote-node]".into(),
-        (Some(Engine::Cilium), Owner::External) if !peer.names.is_empty() => {
-            format!("toFQDNs: [{{matchName: {}}}] (with a DNS rule for visibility), or toCIDR: [{host}]", peer.names[0])
-        }
-        (Some(Engine::Cilium), Owner::External) => format!("toCIDR: [{host}]"),
-        (Some(Engine::Calico), Owner::Pod(p)) => {
-            format!("destination: {{namespaceSelector: \"kubernetes.io/metadata.name == '{}'\"}}", p.namespace)
-        }
-        (Some(Engine::Calico), _) => format!("destination: {{nets: [{host}]}}"),
-        (Some(Engine::ClusterNetworkPolicy), Owner::Pod(p)) => {
-            format!("to: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}}}]", p.namespace)
-        }
-        (Some(Engine::ClusterNetworkPolicy), _) => format!("to: [{{networks: [{host}]}}]"),
-        (_, Owner::Pod(p)) => format!(
-            "namespaceSelector kubernetes.io/metadata.name={} (plus a podSelector on its stable labels)",
-            p.namespace
-        ),
-        (_, _) => format!("ipBlock {{cidr: {host}}}"),
+        Some(Engine::Calico) => format!("destination: {}", json(calico::write::destination(named))),
+        Some(Engine::ClusterNetworkPolicy) => format!("to: {}", json(cluster_network_policy::write::peers(named))),
+        None => match peer.owner {
+            Owner::Pod(p) => format!("namespaceSelector kubernetes.io/metadata.name={}{stable_labels}", p.namespace),
+            _ => format!("ipBlock {{cidr: {host}}}"),
+        },
     }
+}
+
+/// A rule part as compact JSON.
+fn json(v: impl serde::Serialize) -> String {
+    serde_json::to_string(&v).expect("plain data")
 }

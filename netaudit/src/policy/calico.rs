@@ -9,7 +9,7 @@
 //! label. NetworkPolicy objects sit in the same list at order 1000, as Calico places them.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
@@ -42,32 +42,52 @@ struct Spec {
     egress: Option<Vec<CalicoRule>>,
 }
 
-#[derive(Deserialize)]
+/// One rule; `source`/`destination` name the two ends whatever the direction.
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct CalicoRule {
-    action: String,
-    protocol: Option<Value>,
-    not_protocol: Option<Value>,
-    ip_version: Option<u8>,
-    #[serde(default)]
-    source: EntityRule,
-    #[serde(default)]
-    destination: EntityRule,
+pub struct CalicoRule {
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_protocol: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<u8>,
+    #[serde(default, skip_serializing_if = "EntityRule::is_empty")]
+    pub source: EntityRule,
+    #[serde(default, skip_serializing_if = "EntityRule::is_empty")]
+    pub destination: EntityRule,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct EntityRule {
-    nets: Option<Vec<String>>,
-    net: Option<String>,
-    not_nets: Option<Vec<String>>,
-    selector: Option<String>,
-    not_selector: Option<String>,
-    namespace_selector: Option<String>,
-    ports: Option<Vec<Value>>,
-    not_ports: Option<Vec<Value>>,
-    service_accounts: Option<Value>,
-    services: Option<Value>,
+pub struct EntityRule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nets: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_nets: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_selector: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<Value>,
+}
+
+impl EntityRule {
+    fn is_empty(&self) -> bool {
+        *self == EntityRule::default()
+    }
 }
 
 pub fn parse(doc: &Document) -> Result<Policy, InputError> {
@@ -304,4 +324,65 @@ fn ports_list(list: Option<&[Value]>, protocol: Option<Protocol>, at: &str) -> R
         out.push(PortSel { protocol, port });
     }
     Ok(out)
+}
+
+/// Writing Calico rules with the types they are read with.
+pub mod write {
+    use serde_json::Value;
+
+    use super::{CalicoRule, EntityRule};
+    use crate::{
+        inventory::NAMESPACE_NAME_LABEL,
+        model::Protocol,
+        policy::{PeerRef, PortProto},
+    };
+
+    /// A selector expression of exactly these labels (`k == 'v' && …`).
+    pub fn selector<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+        labels.into_iter().map(|(k, v)| format!("{k} == '{v}'")).collect::<Vec<_>>().join(" && ")
+    }
+
+    /// The destination end naming `peer`; none when the peer has no address to name.
+    pub fn destination(peer: PeerRef<'_>) -> Option<EntityRule> {
+        let nets = |n: Vec<String>| EntityRule { nets: Some(n), ..EntityRule::default() };
+        Some(match peer {
+            PeerRef::Any => EntityRule::default(),
+            PeerRef::Pods { namespace, labels } => EntityRule {
+                namespace_selector: Some(selector([(NAMESPACE_NAME_LABEL, namespace)])),
+                selector: (!labels.is_empty()).then(|| selector(labels.iter().map(|(k, v)| (&**k, &**v)))),
+                ..EntityRule::default()
+            },
+            PeerRef::Apiserver { addresses: [] } => return None,
+            PeerRef::Apiserver { addresses } => {
+                nets(addresses.iter().map(|a| ipnet::IpNet::from(*a).to_string()).collect())
+            }
+            PeerRef::Node { net } => nets(vec![net.to_string()]),
+            PeerRef::Networks { nets: n, .. } => nets(n.iter().map(ToString::to_string).collect()),
+        })
+    }
+
+    /// Allow rules to `peer` on `ports`: one per protocol (a Calico rule takes one).
+    pub fn egress_rules(peer: PeerRef<'_>, ports: &[PortProto]) -> Vec<CalicoRule> {
+        let Some(destination) = destination(peer) else { return Vec::new() };
+        let allow = |protocol: Option<Protocol>, destination| CalicoRule {
+            action: "Allow".into(),
+            protocol: protocol.map(|p| Value::String(p.to_string())),
+            not_protocol: None,
+            ip_version: None,
+            source: EntityRule::default(),
+            destination,
+        };
+        if ports.is_empty() {
+            return vec![allow(None, destination)];
+        }
+        let mut protocols: Vec<Protocol> = ports.iter().map(|p| p.protocol).collect();
+        protocols.dedup();
+        protocols
+            .into_iter()
+            .map(|proto| {
+                let on = ports.iter().filter(|p| p.protocol == proto).map(|p| Value::from(p.port)).collect();
+                allow(Some(proto), EntityRule { ports: Some(on), ..destination.clone() })
+            })
+            .collect()
+    }
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector as K8sLabelSelector, ObjectMeta};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
@@ -60,57 +60,78 @@ struct DefaultDeny {
     egress: Option<bool>,
 }
 
-/// Ingress and egress rules share a shape: `from*` on ingress, `to*` on egress.
-#[derive(Deserialize, Default)]
-struct PeerRule {
-    #[serde(alias = "fromEndpoints", rename = "toEndpoints")]
-    endpoints: Option<Vec<K8sLabelSelector>>,
-    #[serde(alias = "fromCIDR", rename = "toCIDR")]
-    cidr: Option<Vec<String>>,
-    #[serde(alias = "fromCIDRSet", rename = "toCIDRSet")]
-    cidr_set: Option<Vec<CidrRule>>,
-    #[serde(alias = "fromEntities", rename = "toEntities")]
-    entities: Option<Vec<String>>,
-    #[serde(alias = "fromNodes", rename = "toNodes")]
-    nodes: Option<Vec<K8sLabelSelector>>,
-    #[serde(rename = "toFQDNs")]
-    fqdns: Option<Vec<FqdnSelector>>,
-    #[serde(rename = "toPorts")]
-    to_ports: Option<Vec<PortRule>>,
-    icmps: Option<Vec<Value>>,
+/// Ingress and egress rules share a shape: `from*` on ingress, `to*` on egress (written with the
+/// `to*` names; [`write::ingress`] renames them for an ingress rule).
+#[derive(Deserialize, Serialize, Default, Debug, Clone)]
+pub struct PeerRule {
+    #[serde(alias = "fromEndpoints", rename = "toEndpoints", skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<K8sLabelSelector>>,
+    #[serde(alias = "fromCIDR", rename = "toCIDR", skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<Vec<String>>,
+    #[serde(alias = "fromCIDRSet", rename = "toCIDRSet", skip_serializing_if = "Option::is_none")]
+    pub cidr_set: Option<Vec<CidrRule>>,
+    #[serde(alias = "fromEntities", rename = "toEntities", skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
+    #[serde(alias = "fromNodes", rename = "toNodes", skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<K8sLabelSelector>>,
+    #[serde(rename = "toFQDNs", skip_serializing_if = "Option::is_none")]
+    pub fqdns: Option<Vec<FqdnSelector>>,
+    #[serde(rename = "toPorts", skip_serializing_if = "Option::is_none")]
+    pub to_ports: Option<Vec<PortRule>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmps: Option<Vec<Value>>,
     /// Everything else (toServices, toGroups, fromRequires, authentication, …).
     #[serde(flatten)]
-    other: BTreeMap<String, Value>,
+    pub other: BTreeMap<String, Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct CidrRule {
-    cidr: Option<String>,
+pub struct CidrRule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cidr_group_ref: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct FqdnSelector {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_pattern: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
+pub struct PortRule {
     #[serde(default)]
-    except: Vec<String>,
-    cidr_group_ref: Option<String>,
+    pub ports: Vec<PortProtocol>,
+    /// L7 rules: netaudit reads none of them (they narrow within an allowed port); it writes the
+    /// DNS visibility rule a `toFQDNs` policy needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<L7Rules>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
+pub struct L7Rules {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<FqdnSelector>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct FqdnSelector {
-    match_name: Option<String>,
-    match_pattern: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PortRule {
-    #[serde(default)]
-    ports: Vec<PortProtocol>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PortProtocol {
-    port: Option<Value>,
-    end_port: Option<i32>,
-    protocol: Option<String>,
+pub struct PortProtocol {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 pub fn parse(doc: &Document) -> Result<Vec<Policy>, InputError> {
@@ -398,4 +419,82 @@ fn endpoint_selector(
         },
     };
     Ok((ns, Selector::Label(LabelSelector { reqs: pod_reqs })))
+}
+
+/// Writing Cilium rules with the types they are read with.
+pub mod write {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use serde_json::Value;
+
+    use super::{FqdnSelector, L7Rules, NAMESPACE_LABEL, PeerRule, PortProtocol, PortRule};
+    use crate::policy::{PeerRef, PortProto};
+
+    /// Endpoints of a namespace with these labels (Cilium's `k8s:` source prefix on each key).
+    pub fn endpoints<'a>(namespace: &str, labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> LabelSelector {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(format!("k8s:{NAMESPACE_LABEL}"), namespace.to_string());
+        for (k, v) in labels {
+            m.insert(format!("k8s:{k}"), v.to_string());
+        }
+        LabelSelector { match_labels: Some(m), match_expressions: None }
+    }
+
+    /// The ports as one `toPorts` entry (Cilium writes port numbers as strings).
+    pub fn port_rule(ports: &[PortProto]) -> PortRule {
+        let ports = ports
+            .iter()
+            .map(|p| PortProtocol {
+                port: Some(Value::String(p.port.to_string())),
+                end_port: None,
+                protocol: Some(p.protocol.to_string()),
+            })
+            .collect();
+        PortRule { ports, rules: None }
+    }
+
+    /// One egress rule to `peer` on `ports`. Addresses that answered to DNS names are named by
+    /// them (`toFQDNs`, which needs [`with_dns_visibility`] on the DNS rule), else by CIDR.
+    pub fn egress_rule(peer: PeerRef<'_>, ports: &[PortProto]) -> PeerRule {
+        let mut r = PeerRule::default();
+        match peer {
+            PeerRef::Any => {}
+            PeerRef::Pods { namespace, labels } => {
+                r.endpoints = Some(vec![endpoints(namespace, labels.iter().map(|(k, v)| (&**k, &**v)))]);
+            }
+            PeerRef::Apiserver { .. } => r.entities = Some(vec!["kube-apiserver".into()]),
+            PeerRef::Node { .. } => r.entities = Some(vec!["host".into(), "remote-node".into()]),
+            PeerRef::Networks { names, .. } if !names.is_empty() => {
+                let names = names.iter().map(|n| FqdnSelector { match_name: Some(n.clone()), match_pattern: None });
+                r.fqdns = Some(names.collect());
+            }
+            PeerRef::Networks { nets, .. } => r.cidr = Some(nets.iter().map(ToString::to_string).collect()),
+        }
+        if !ports.is_empty() {
+            r.to_ports = Some(vec![port_rule(ports)]);
+        }
+        r
+    }
+
+    /// `rule` with DNS visibility on its ports: the proxy sees every answer, which `toFQDNs`
+    /// rules need to learn the names' addresses.
+    pub fn with_dns_visibility(mut rule: PeerRule) -> PeerRule {
+        let everything = FqdnSelector { match_name: None, match_pattern: Some("*".into()) };
+        for p in rule.to_ports.iter_mut().flatten() {
+            p.rules = Some(L7Rules { dns: vec![everything.clone()], other: Default::default() });
+        }
+        rule
+    }
+
+    /// `rule` as an ingress rule: the `from*` names for its peers.
+    pub fn ingress(rule: &PeerRule) -> Value {
+        let mut v = serde_json::to_value(rule).expect("plain data");
+        if let Some(m) = v.as_object_mut() {
+            for key in ["toEndpoints", "toCIDR", "toCIDRSet", "toEntities", "toNodes"] {
+                if let Some(x) = m.remove(key) {
+                    m.insert(key.replacen("to", "from", 1), x);
+                }
+            }
+        }
+        v
+    }
 }

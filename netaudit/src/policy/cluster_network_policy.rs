@@ -9,7 +9,7 @@
 //! a Deny/Pass rule everything.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector as K8sLabelSelector, ObjectMeta};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     Action, Engine, LabelSelector, NsSel, PeerSel, Policy, PolicyId, PortSel, PortSpec, Rule, Selector, Subject, Tier,
@@ -42,66 +42,82 @@ struct Spec {
     egress: Vec<RuleSpec>,
 }
 
-#[derive(Deserialize)]
-struct SubjectSpec {
-    namespaces: Option<K8sLabelSelector>,
-    pods: Option<NamespacedPod>,
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
+pub struct SubjectSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<K8sLabelSelector>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pods: Option<NamespacedPod>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct NamespacedPod {
+pub struct NamespacedPod {
     #[serde(default)]
-    namespace_selector: K8sLabelSelector,
+    pub namespace_selector: K8sLabelSelector,
     #[serde(default)]
-    pod_selector: K8sLabelSelector,
+    pub pod_selector: K8sLabelSelector,
 }
 
-#[derive(Deserialize)]
-struct RuleSpec {
-    name: Option<String>,
-    action: String,
+/// An ingress or egress rule: written with `to` ([`write::ingress`] renames it for ingress).
+#[derive(Deserialize, Serialize, Debug, Clone)]
+pub struct RuleSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub action: String,
     #[serde(alias = "from")]
-    to: Vec<PeerSpec>,
-    #[serde(default)]
-    protocols: Vec<ProtocolSpec>,
+    pub to: Vec<PeerSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protocols: Vec<ProtocolSpec>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
-struct PeerSpec {
-    namespaces: Option<K8sLabelSelector>,
-    pods: Option<NamespacedPod>,
-    nodes: Option<K8sLabelSelector>,
-    networks: Option<Vec<String>>,
-    domain_names: Option<Vec<String>>,
+pub struct PeerSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<K8sLabelSelector>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pods: Option<NamespacedPod>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<K8sLabelSelector>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain_names: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
-struct ProtocolSpec {
-    tcp: Option<ProtoPorts>,
-    udp: Option<ProtoPorts>,
-    sctp: Option<ProtoPorts>,
-    destination_named_port: Option<String>,
+pub struct ProtocolSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<ProtoPorts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<ProtoPorts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sctp: Option<ProtoPorts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_named_port: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct ProtoPorts {
-    destination_port: Option<PortSpecJson>,
+pub struct ProtoPorts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<PortSpecJson>,
 }
 
-#[derive(Deserialize)]
-struct PortSpecJson {
-    number: Option<i32>,
-    range: Option<RangeJson>,
+#[derive(Deserialize, Serialize, Debug, Clone)]
+pub struct PortSpecJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<RangeJson>,
 }
 
-#[derive(Deserialize)]
-struct RangeJson {
-    start: i32,
-    end: i32,
+#[derive(Deserialize, Serialize, Debug, Clone)]
+pub struct RangeJson {
+    pub start: i32,
+    pub end: i32,
 }
 
 pub fn parse(doc: &Document) -> Result<Policy, InputError> {
@@ -268,4 +284,75 @@ fn protocols(list: &[ProtocolSpec], at: &str) -> Result<Vec<PortSel>, FieldError
         }
     }
     Ok(ports)
+}
+
+/// Writing ClusterNetworkPolicy rules with the types they are read with.
+pub mod write {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use serde_json::Value;
+
+    use super::{NamespacedPod, PeerSpec, PortSpecJson, ProtoPorts, ProtocolSpec, RuleSpec};
+    use crate::{
+        model::Protocol,
+        policy::{PeerRef, PortProto, kubernetes::write::match_labels, kubernetes::write::namespace},
+    };
+
+    /// The pods of namespace `ns` carrying `labels`.
+    pub fn pods<'a>(ns: &str, labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> NamespacedPod {
+        NamespacedPod { namespace_selector: namespace(ns), pod_selector: match_labels(labels) }
+    }
+
+    /// How `to`/`from` names `peer` ([`PeerRef::Any`]: every pod); none when it has no address.
+    pub fn peers(peer: PeerRef<'_>) -> Option<Vec<PeerSpec>> {
+        let networks = |n: Vec<String>| vec![PeerSpec { networks: Some(n), ..PeerSpec::default() }];
+        Some(match peer {
+            PeerRef::Any => vec![PeerSpec { namespaces: Some(LabelSelector::default()), ..PeerSpec::default() }],
+            PeerRef::Pods { namespace: ns, labels } if labels.is_empty() => {
+                vec![PeerSpec { namespaces: Some(namespace(ns)), ..PeerSpec::default() }]
+            }
+            PeerRef::Pods { namespace: ns, labels } => {
+                let p = pods(ns, labels.iter().map(|(k, v)| (&**k, &**v)));
+                vec![PeerSpec { pods: Some(p), ..PeerSpec::default() }]
+            }
+            PeerRef::Apiserver { addresses: [] } => return None,
+            PeerRef::Apiserver { addresses } => {
+                networks(addresses.iter().map(|a| ipnet::IpNet::from(*a).to_string()).collect())
+            }
+            PeerRef::Node { net } => networks(vec![net.to_string()]),
+            PeerRef::Networks { nets, .. } => networks(nets.iter().map(ToString::to_string).collect()),
+        })
+    }
+
+    /// `ports` as the rule's `protocols` (the API has ports for TCP, UDP and SCTP only).
+    pub fn protocols(ports: &[PortProto]) -> Vec<ProtocolSpec> {
+        ports
+            .iter()
+            .filter_map(|p| {
+                let on = Some(ProtoPorts {
+                    destination_port: Some(PortSpecJson { number: Some(p.port.into()), range: None }),
+                });
+                Some(match p.protocol {
+                    Protocol::Tcp => ProtocolSpec { tcp: on, ..ProtocolSpec::default() },
+                    Protocol::Udp => ProtocolSpec { udp: on, ..ProtocolSpec::default() },
+                    Protocol::Sctp => ProtocolSpec { sctp: on, ..ProtocolSpec::default() },
+                    _ => return None,
+                })
+            })
+            .collect()
+    }
+
+    /// A rule named `name` doing `action` to `peer` on `ports`; none when the peer has no address.
+    pub fn rule(name: &str, action: &str, peer: PeerRef<'_>, ports: &[PortProto]) -> Option<RuleSpec> {
+        let to = peers(peer)?;
+        Some(RuleSpec { name: Some(name.into()), action: action.into(), to, protocols: protocols(ports) })
+    }
+
+    /// `rule` as an ingress rule (`from`).
+    pub fn ingress(rule: &RuleSpec) -> Value {
+        let mut v = serde_json::to_value(rule).expect("plain data");
+        if let Some(to) = v.as_object_mut().and_then(|m| m.remove("to")) {
+            v["from"] = to;
+        }
+        v
+    }
 }

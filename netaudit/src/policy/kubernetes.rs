@@ -171,3 +171,67 @@ fn ports(list: Option<&[NetworkPolicyPort]>, at: &str) -> Result<Vec<PortSel>, F
     }
     Ok(out)
 }
+
+/// Writing NetworkPolicy with the same k8s-openapi types it is read with.
+pub mod write {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::networking::v1::{IPBlock, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort},
+        apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+    };
+
+    use crate::{
+        inventory::NAMESPACE_NAME_LABEL,
+        policy::{PeerRef, PortProto},
+    };
+
+    /// A selector of exactly these labels.
+    pub fn match_labels<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> LabelSelector {
+        let labels: BTreeMap<String, String> = labels.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        LabelSelector { match_labels: Some(labels), match_expressions: None }
+    }
+
+    /// A namespace by its name label.
+    pub fn namespace(name: &str) -> LabelSelector {
+        match_labels([(NAMESPACE_NAME_LABEL, name)])
+    }
+
+    fn ip_block(net: ipnet::IpNet) -> NetworkPolicyPeer {
+        NetworkPolicyPeer { ip_block: Some(IPBlock { cidr: net.to_string(), except: None }), ..Default::default() }
+    }
+
+    /// How `to`/`from` names `peer` (nothing for [`PeerRef::Any`]: such a rule has no list).
+    pub fn peers(peer: PeerRef<'_>) -> Vec<NetworkPolicyPeer> {
+        match peer {
+            PeerRef::Any => Vec::new(),
+            PeerRef::Pods { namespace: ns, labels } => vec![NetworkPolicyPeer {
+                namespace_selector: Some(namespace(ns)),
+                pod_selector: (!labels.is_empty()).then(|| match_labels(labels.iter().map(|(k, v)| (&**k, &**v)))),
+                ..Default::default()
+            }],
+            PeerRef::Apiserver { addresses } => addresses.iter().map(|a| ip_block((*a).into())).collect(),
+            PeerRef::Node { net } => vec![ip_block(net)],
+            PeerRef::Networks { nets, .. } => nets.iter().copied().map(ip_block).collect(),
+        }
+    }
+
+    /// A port by number or by the name the pods give it.
+    pub fn port(protocol: crate::model::Protocol, port: IntOrString) -> NetworkPolicyPort {
+        NetworkPolicyPort { protocol: Some(protocol.to_string()), port: Some(port), end_port: None }
+    }
+
+    fn ports(ports: &[PortProto]) -> Option<Vec<NetworkPolicyPort>> {
+        let list: Vec<_> = ports.iter().map(|p| port(p.protocol, IntOrString::Int(p.port.into()))).collect();
+        (!list.is_empty()).then_some(list)
+    }
+
+    /// One egress rule to `peer` on `ports`; none when the peer has no address to name.
+    pub fn egress_rule(peer: PeerRef<'_>, on: &[PortProto]) -> Option<NetworkPolicyEgressRule> {
+        let to = peers(peer);
+        if to.is_empty() && !matches!(peer, PeerRef::Any) {
+            return None;
+        }
+        Some(NetworkPolicyEgressRule { to: (!to.is_empty()).then_some(to), ports: ports(on) })
+    }
+}

@@ -90,6 +90,30 @@ impl FromStr for Engine {
     }
 }
 
+/// A peer as the chart, a proposal or a fix hint names it, before a dialect spells it: each
+/// dialect module writes rules to it with its own types (`egress_rules`, `peers`), the same types
+/// it reads.
+#[derive(Clone, Copy, Debug)]
+pub enum PeerRef<'a> {
+    /// Every peer: a rule with ports only.
+    Any,
+    /// The pods of a namespace that carry `labels` (none: every pod of the namespace).
+    Pods { namespace: &'a str, labels: &'a std::collections::BTreeMap<String, String> },
+    /// The kube-apiserver, at its endpoint addresses (never the Service's ClusterIP).
+    Apiserver { addresses: &'a [std::net::IpAddr] },
+    /// A node (or a host-network pod), at its address.
+    Node { net: IpNet },
+    /// Addresses no selector can name, and the DNS names they answered to.
+    Networks { nets: &'a [IpNet], names: &'a [String] },
+}
+
+/// A destination port and its protocol, as rules list them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct PortProto {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
 /// Which object a policy came from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PolicyId {

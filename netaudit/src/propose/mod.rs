@@ -100,11 +100,7 @@ pub enum Peer {
     Addresses { nets: Vec<IpNet>, names: Vec<String> },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct PortProto {
-    pub protocol: Protocol,
-    pub port: u16,
-}
+pub use crate::policy::PortProto;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Evidence {

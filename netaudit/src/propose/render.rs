@@ -9,10 +9,15 @@ use crate::{
     chart::{CHART_NAME, Values},
     error::{Error, InputError},
     input::Document,
-    inventory::{Labels, NAMESPACE_NAME_LABEL},
-    model::{DNS_PORT, Protocol},
-    policy::{Engine, cilium},
+    inventory::Labels,
+    model::{DNS_PORT, DNS_PROTOCOLS},
+    policy::{Engine, PeerRef, calico, cilium, cluster_network_policy, kubernetes},
 };
+
+/// Every address, both families.
+fn everywhere() -> [ipnet::IpNet; 2] {
+    ["0.0.0.0/0".parse().expect("valid"), "::/0".parse().expect("valid")]
+}
 
 pub fn labels_text(l: &Labels) -> String {
     if l.is_empty() {
@@ -21,133 +26,34 @@ pub fn labels_text(l: &Labels) -> String {
     l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-fn host(net: &ipnet::IpNet) -> String {
-    net.to_string()
+impl Peer {
+    /// The peer as the dialects' writers take it.
+    fn as_ref(&self) -> PeerRef<'_> {
+        match self {
+            Peer::Pods { namespace, labels } => PeerRef::Pods { namespace, labels },
+            Peer::Apiserver { addresses } => PeerRef::Apiserver { addresses },
+            Peer::Addresses { nets, names } => PeerRef::Networks { nets, names },
+        }
+    }
 }
 
-fn ip_net(ip: &std::net::IpAddr) -> String {
-    ipnet::IpNet::from(*ip).to_string()
+fn value(rule: impl serde::Serialize) -> Value {
+    serde_json::to_value(rule).expect("plain data")
 }
 
-fn proto_name(p: Protocol) -> String {
-    p.to_string()
-}
-
-/// The rule (or rules: Calico takes one protocol per rule) for one proposed egress peer.
+/// The rule (or rules: Calico takes one protocol per rule) for one proposed egress peer; none
+/// when the peer has no address to name.
 fn egress_rules(engine: Engine, r: &EgressRule, index: usize) -> Vec<Value> {
-    let ports = &r.ports;
+    let (peer, ports) = (r.peer.as_ref(), r.ports.as_slice());
     match engine {
-        Engine::Kubernetes => {
-            let to: Vec<Value> = match &r.peer {
-                Peer::Pods { namespace, labels } => vec![k8s_pods(namespace, labels)],
-                Peer::Apiserver { addresses } => {
-                    addresses.iter().map(|a| json!({"ipBlock": {"cidr": ip_net(a)}})).collect()
-                }
-                Peer::Addresses { nets, .. } => nets.iter().map(|n| json!({"ipBlock": {"cidr": host(n)}})).collect(),
-            };
-            if to.is_empty() {
-                return vec![];
-            }
-            let mut rule = json!({"to": to});
-            if !ports.is_empty() {
-                rule["ports"] =
-                    ports.iter().map(|p| json!({"protocol": proto_name(p.protocol), "port": p.port})).collect();
-            }
-            vec![rule]
-        }
-        Engine::Cilium => {
-            let mut rule = match &r.peer {
-                Peer::Pods { namespace, labels } => json!({"toEndpoints": [cilium_endpoint(namespace, labels)]}),
-                Peer::Apiserver { .. } => json!({"toEntities": ["kube-apiserver"]}),
-                Peer::Addresses { names, .. } if !names.is_empty() => {
-                    json!({"toFQDNs": names.iter().map(|n| json!({"matchName": n})).collect::<Vec<_>>()})
-                }
-                Peer::Addresses { nets, .. } => json!({"toCIDR": nets.iter().map(host).collect::<Vec<_>>()}),
-            };
-            if !ports.is_empty() {
-                rule["toPorts"] = json!([{"ports": ports.iter().map(|p| json!({"port": p.port.to_string(), "protocol": proto_name(p.protocol)})).collect::<Vec<_>>()}]);
-            }
-            vec![rule]
-        }
-        Engine::Calico => {
-            let destination = match &r.peer {
-                Peer::Pods { namespace, labels } => calico_pods(namespace, labels),
-                Peer::Apiserver { addresses } if addresses.is_empty() => return vec![],
-                Peer::Apiserver { addresses } => json!({"nets": addresses.iter().map(ip_net).collect::<Vec<_>>()}),
-                Peer::Addresses { nets, .. } => json!({"nets": nets.iter().map(host).collect::<Vec<_>>()}),
-            };
-            if ports.is_empty() {
-                return vec![json!({"action": "Allow", "destination": destination})];
-            }
-            let mut protocols: Vec<Protocol> = ports.iter().map(|p| p.protocol).collect();
-            protocols.dedup();
-            protocols
-                .into_iter()
-                .map(|proto| {
-                    let mut d = destination.clone();
-                    d["ports"] = ports.iter().filter(|p| p.protocol == proto).map(|p| json!(p.port)).collect();
-                    json!({"action": "Allow", "protocol": proto_name(proto), "destination": d})
-                })
-                .collect()
-        }
+        Engine::Kubernetes => kubernetes::write::egress_rule(peer, ports).map(value).into_iter().collect(),
+        Engine::Cilium => vec![value(cilium::write::egress_rule(peer, ports))],
+        Engine::Calico => calico::write::egress_rules(peer, ports).into_iter().map(value).collect(),
         Engine::ClusterNetworkPolicy => {
-            let to = match &r.peer {
-                Peer::Pods { namespace, labels } if labels.is_empty() => {
-                    json!([{"namespaces": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}])
-                }
-                Peer::Pods { namespace, labels } => json!([{"pods": {
-                    "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
-                    "podSelector": {"matchLabels": labels},
-                }}]),
-                Peer::Apiserver { addresses } if addresses.is_empty() => return vec![],
-                Peer::Apiserver { addresses } => {
-                    json!([{"networks": addresses.iter().map(ip_net).collect::<Vec<_>>()}])
-                }
-                Peer::Addresses { nets, .. } => json!([{"networks": nets.iter().map(host).collect::<Vec<_>>()}]),
-            };
-            let name = r.rows.first().cloned().unwrap_or_else(|| "egress".into());
-            let mut rule = json!({"name": format!("{name}-{index}"), "action": "Accept", "to": to});
-            if !ports.is_empty() {
-                rule["protocols"] = cnp_protocols(ports);
-            }
-            vec![rule]
+            let name = format!("{}-{index}", r.rows.first().map_or("egress", String::as_str));
+            cluster_network_policy::write::rule(&name, "Accept", peer, ports).map(value).into_iter().collect()
         }
     }
-}
-
-fn k8s_pods(namespace: &str, labels: &Labels) -> Value {
-    let mut peer = json!({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}});
-    if !labels.is_empty() {
-        peer["podSelector"] = json!({"matchLabels": labels});
-    }
-    peer
-}
-
-fn cilium_endpoint(namespace: &str, labels: &Labels) -> Value {
-    let mut m = serde_json::Map::new();
-    m.insert(format!("k8s:{}", cilium::NAMESPACE_LABEL), json!(namespace));
-    for (k, v) in labels {
-        m.insert(format!("k8s:{k}"), json!(v));
-    }
-    json!({"matchLabels": m})
-}
-
-fn calico_pods(namespace: &str, labels: &Labels) -> Value {
-    let mut d = json!({"namespaceSelector": format!("{NAMESPACE_NAME_LABEL} == '{namespace}'")});
-    if !labels.is_empty() {
-        d["selector"] = json!(labels.iter().map(|(k, v)| format!("{k} == '{v}'")).collect::<Vec<_>>().join(" && "));
-    }
-    d
-}
-
-fn cnp_protocols(ports: &[PortProto]) -> Value {
-    ports
-        .iter()
-        .map(|p| {
-            let key = p.protocol.to_string().to_ascii_lowercase();
-            json!({key: {"destinationPort": {"number": p.port}}})
-        })
-        .collect()
 }
 
 /// The DNS rule that replaces the chart's where the chart's is wrong for this engine.
@@ -155,34 +61,18 @@ fn dns_rules(engine: Engine, p: &Proposal) -> Vec<Value> {
     if p.dns.chart_rule {
         return vec![];
     }
-    let ports =
-        [PortProto { protocol: Protocol::Udp, port: DNS_PORT }, PortProto { protocol: Protocol::Tcp, port: DNS_PORT }];
+    let ports = DNS_PROTOCOLS.map(|protocol| PortProto { protocol, port: DNS_PORT });
+    let peer = PeerRef::Pods { namespace: &p.dns.namespace, labels: &p.dns.labels };
     match engine {
-        Engine::Cilium => vec![json!({
-            "toEndpoints": [cilium_endpoint(&p.dns.namespace, &p.dns.labels)],
-            "toPorts": [{
-                "ports": ports.iter().map(|x| json!({"port": x.port.to_string(), "protocol": proto_name(x.protocol)})).collect::<Vec<_>>(),
-                "rules": {"dns": [{"matchPattern": "*"}]},
-            }],
-        })],
-        Engine::Calico => ports
-            .iter()
-            .map(|x| {
-                let mut d = calico_pods(&p.dns.namespace, &p.dns.labels);
-                d["ports"] = json!([x.port]);
-                json!({"action": "Allow", "protocol": proto_name(x.protocol), "destination": d})
-            })
-            .collect(),
+        Engine::Cilium => vec![value(cilium::write::with_dns_visibility(cilium::write::egress_rule(peer, &ports)))],
+        // One rule per protocol, UDP first, as the chart writes its own.
+        Engine::Calico => calico::write::egress_rules(peer, &ports).into_iter().map(value).collect(),
         _ => vec![],
     }
 }
 
 fn ingress_peer(p: &Peer) -> Vec<Value> {
-    match p {
-        Peer::Pods { namespace, labels } => vec![k8s_pods(namespace, labels)],
-        Peer::Apiserver { addresses } => addresses.iter().map(|a| json!({"ipBlock": {"cidr": ip_net(a)}})).collect(),
-        Peer::Addresses { nets, .. } => nets.iter().map(|n| json!({"ipBlock": {"cidr": host(n)}})).collect(),
-    }
+    kubernetes::write::peers(p.as_ref()).into_iter().map(value).collect()
 }
 
 /// The egress rules of the proposal in the engine's schema, each with its comment. `skip`
@@ -217,7 +107,10 @@ pub fn egress_items(p: &Proposal, skip: Option<usize>) -> Vec<(Vec<String>, Valu
                 "enforcement: Accept rules alone restrict nothing; this Deny after them makes the list an allowlist.".into(),
                 "`networks` covers pods, nodes and external addresses alike (the chart's `namespaces: {}` deny covers pods only).".into(),
             ],
-            json!({"name": "deny-all-other-egress", "action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}]}),
+            value(
+                cluster_network_policy::write::rule("deny-all-other-egress", "Deny", PeerRef::Networks { nets: &everywhere(), names: &[] }, &[])
+                    .expect("addresses given"),
+            ),
         ));
     }
     out

@@ -5,7 +5,7 @@
 
 /// `say!("…", args)`: a line for the user on stderr, through [`say`] (never panics).
 macro_rules! say {
-    ($($t:tt)*) => { $crate::cli::say(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::say(format_args!($($t)*)) };
 }
 
 mod agent;
@@ -173,7 +173,7 @@ fn manifests(a: ManifestsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -196,7 +196,7 @@ pub fn main() -> ExitCode {
         Command::Manifests(args) => manifests(args),
         Command::Agent(args) => agent::run(args),
         Command::Report(args) => agent::run_report(args),
-        Command::LabActor { role, args } => netaudit::lab::actors::run(&role, &args).map(|()| ExitCode::SUCCESS),
+        Command::LabActor { role, args } => netaudit_lab::actors::run(&role, &args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -23,11 +23,12 @@ use netaudit::{
     check::{Check, Report},
     graph,
     inventory::Inventory,
-    lab::{self, Lab, host::Actor},
     matrix::Matrix,
     policy::Engine,
     propose::{self, Options, render},
 };
+
+use netaudit_lab::{self as lab, Lab, host::Actor};
 
 use super::{InputError, write_atomically};
 

@@ -15,11 +15,12 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
 
-use self::host::{Cgroup, Netns};
-use crate::{
+use netaudit::{
     chart::{CHART_NAME, Release, Values},
     model::{DNS_PORT, Protocol},
 };
+
+use self::host::{Cgroup, Netns};
 
 /// The audited controller pod.
 pub const POD_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 5);
@@ -338,7 +339,7 @@ pub fn leftovers(tag: &str) -> Vec<String> {
             }
         }
     }
-    if let Ok(mount) = crate::capture::cgroup::cgroup2_mount()
+    if let Ok(mount) = netaudit::capture::cgroup::cgroup2_mount()
         && Path::new(&mount.join(format!("netaudit-demo-{tag}"))).exists()
     {
         out.push(format!("cgroup netaudit-demo-{tag}"));
@@ -357,7 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("inv.yaml");
         std::fs::write(&p, inventory_yaml(&values, &release).unwrap()).unwrap();
-        let (inv, rest) = crate::inventory::Inventory::load(&p).unwrap();
+        let (inv, rest) = netaudit::inventory::Inventory::load(&p).unwrap();
         assert!(rest.is_empty());
         assert!(inv.is_apiserver(CP_IP.into()));
         let svc = inv.service_by_cluster_ip(SERVICES[2].cluster_ip.into()).unwrap();

@@ -22,8 +22,8 @@ use hickory_proto::{
     rr::{Name, RData, Record, RecordType, rdata::A},
 };
 
-use super::{EXTERNAL, INGRESS_CLIENTS, POD_IP, SERVICES};
-use crate::model::{DNS_PORT, Protocol};
+use crate::{EXTERNAL, INGRESS_CLIENTS, POD_IP, SERVICES};
+use netaudit::model::{DNS_PORT, Protocol};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -82,7 +82,7 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(name: &str) -> Result<Cgroup> {
-        let mount = crate::capture::cgroup::cgroup2_mount()?;
+        let mount = netaudit::capture::cgroup::cgroup2_mount()?;
         let path = mount.join(name);
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Cgroup { path })
