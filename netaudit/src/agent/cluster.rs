@@ -27,7 +27,7 @@ use kube::{
 
 use super::{
     judge::Generations,
-    stores::{Shared, Sink, Stores, Unreadable, watch},
+    stores::{Interner, Shared, Sink, Stores, Unreadable, watch},
 };
 use crate::{
     error::FieldError,
@@ -157,7 +157,9 @@ impl LiveInventory {
         let c = client.clone();
         let namespace = |o| Ok(Some(NamespaceInfo::from_api(o)));
         watch(Api::<Namespace>::all(c.clone()), "Namespace".into(), sinks.to(&stores.namespaces), namespace, now());
-        watch(Api::<Pod>::all(c.clone()), "Pod".into(), sinks.to(&stores.pods), kept(PodInfo::from_api), now());
+        let labels = Interner::default();
+        let pod = move |o| PodInfo::from_api(o).map(|p| Some(PodInfo { labels: labels.intern(p.labels.clone()), ..p }));
+        watch(Api::<Pod>::all(c.clone()), "Pod".into(), sinks.to(&stores.pods), pod, now());
         let services = sinks.to(&stores.services);
         watch(Api::<Service>::all(c.clone()), "Service".into(), services, kept(ServiceInfo::from_api), now());
         watch(Api::<Node>::all(c.clone()), "Node".into(), sinks.to(&stores.nodes), kept(NodeInfo::from_api), now());

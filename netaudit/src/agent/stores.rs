@@ -19,7 +19,11 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 
-use crate::{error::FieldError, inventory::Inventory, policy::Policy};
+use crate::{
+    error::FieldError,
+    inventory::{Inventory, Labels},
+    policy::Policy,
+};
 
 /// Objects per list page. The API's objects are read whole before they are slimmed, and every
 /// kind lists at once: small pages keep that transient memory small, so the heap the slim objects
@@ -112,6 +116,28 @@ pub struct Sink<T> {
     pub unreadable: Unreadable,
 }
 
+/// One copy of each distinct label set: a workload's replicas carry the same labels, and the
+/// agent holds every pod of the cluster.
+#[derive(Default)]
+pub struct Interner(std::sync::Mutex<(HashSet<Arc<Labels>>, usize)>);
+
+impl Interner {
+    pub fn intern(&self, labels: Arc<Labels>) -> Arc<Labels> {
+        let mut guard = self.0.lock().expect("not poisoned");
+        let (known, purge_at) = &mut *guard;
+        if let Some(same) = known.get(&*labels) {
+            return Arc::clone(same);
+        }
+        // Label sets no pod holds any more go once the set has doubled since the last purge.
+        if known.len() >= *purge_at {
+            known.retain(|l| Arc::strong_count(l) > 1);
+            *purge_at = (known.len() * 2).max(1024);
+        }
+        known.insert(Arc::clone(&labels));
+        labels
+    }
+}
+
 /// Watches `api` (objects of `kind`) into the sink, reading each changed object with `read`.
 /// `before` runs first (an engine's API: until it is served). Runs until the runtime stops.
 pub fn watch<K, T>(
@@ -202,6 +228,7 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
 
     use super::*;
+    use crate::inventory::Labels;
 
     fn pod(name: &str, ip: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -209,6 +236,21 @@ mod tests {
             "status": {"podIP": ip},
         }))
         .unwrap()
+    }
+
+    /// Replicas share one label set; sets no pod holds any more are dropped.
+    #[test]
+    fn label_sets_are_shared_and_released() {
+        let interner = Interner::default();
+        let set = |app: &str| Arc::new(Labels::from([("app".to_string(), app.to_string())]));
+        let (a, b) = (interner.intern(set("x")), interner.intern(set("x")));
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        for i in 0..2000 {
+            interner.intern(set(&i.to_string()));
+        }
+        let known = interner.0.lock().unwrap().0.len();
+        assert!(known < 1100, "unused sets are purged: {known} kept");
     }
 
     #[test]

@@ -252,7 +252,7 @@ impl Values {
         PodInfo {
             namespace: release.namespace.clone(),
             name: format!("{} (from {})", self.fullname(release), self.origin),
-            labels: self.selector_labels(release),
+            labels: self.selector_labels(release).into(),
             ips: Vec::new(),
             node_name: None,
             host_network: false,

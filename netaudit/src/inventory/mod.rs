@@ -45,7 +45,8 @@ pub struct ContainerPort {
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
-    pub labels: Labels,
+    /// Shared: a workload's replicas carry the same labels, and the agent holds every pod.
+    pub labels: std::sync::Arc<Labels>,
     pub ips: Vec<IpAddr>,
     pub node_name: Option<String>,
     pub host_network: bool,

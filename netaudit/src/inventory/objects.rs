@@ -55,7 +55,7 @@ impl PodInfo {
         Ok(PodInfo {
             namespace,
             name,
-            labels: pod.metadata.labels.unwrap_or_default(),
+            labels: std::sync::Arc::new(pod.metadata.labels.unwrap_or_default()),
             ips,
             node_name: spec.node_name,
             host_network: spec.host_network.unwrap_or(false),
