@@ -7,12 +7,78 @@
 /// Bumped whenever a map key or value layout changes.
 pub const LAYOUT_VERSION: u32 = 1;
 
-/// Who opened the connection, seen from the audited cgroup.
-pub const INITIATOR_LOCAL: u8 = 0;
-pub const INITIATOR_REMOTE: u8 = 1;
+/// Who opened the connection, seen from the audited cgroup ([`FlowKey::initiator`]).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Initiator {
+    Local = 0,
+    Remote = 1,
+}
 
-pub const FAMILY_V4: u8 = 4;
-pub const FAMILY_V6: u8 = 6;
+impl TryFrom<u8> for Initiator {
+    type Error = u8;
+    fn try_from(v: u8) -> Result<Initiator, u8> {
+        match v {
+            0 => Ok(Initiator::Local),
+            1 => Ok(Initiator::Remote),
+            other => Err(other),
+        }
+    }
+}
+
+/// A flow's address family: its IP version ([`FlowKey::family`]).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4 = 4,
+    V6 = 6,
+}
+
+impl TryFrom<u8> for Family {
+    type Error = u8;
+    fn try_from(v: u8) -> Result<Family, u8> {
+        match v {
+            4 => Ok(Family::V4),
+            6 => Ok(Family::V6),
+            other => Err(other),
+        }
+    }
+}
+
+/// The names userspace finds the object's maps and programs by: the kernel's statics and
+/// functions carry exactly these (a test in `netaudit` reads them back from the object).
+pub mod names {
+    pub const AUDITED: &str = "AUDITED";
+    pub const FLOWS: &str = "FLOWS";
+    pub const LISTEN: &str = "LISTEN";
+    pub const LOSSES: &str = "LOSSES";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DNS: &str = "DNS";
+    pub const SOCKS: &str = "SOCKS";
+    /// Every map of the object (a persistent capture pins them all).
+    pub const MAPS: [&str; 7] = [AUDITED, FLOWS, LISTEN, LOSSES, CONFIG, DNS, SOCKS];
+    /// cgroup_skb, per direction.
+    pub const EGRESS: &str = "netaudit_egress";
+    pub const INGRESS: &str = "netaudit_ingress";
+    /// cgroup_sock post_bind, per family.
+    pub const BIND4: &str = "netaudit_bind4";
+    pub const BIND6: &str = "netaudit_bind6";
+    /// The benchmarks' empty cgroup_skb program, in an object of its own (`netaudit-floor`)
+    /// that a capture never loads.
+    pub const FLOOR: &str = "netaudit_floor";
+}
+
+/// The maps' default capacities.
+pub mod capacity {
+    /// Flows (a capture sets its own at load).
+    pub const FLOWS: u32 = 65536;
+    /// Audited cgroups.
+    pub const AUDITED: u32 = 1024;
+    /// Serving ports.
+    pub const LISTEN: u32 = 8192;
+    /// The DNS answers' ring buffer, bytes.
+    pub const DNS_RING_BYTES: u32 = 256 * 1024;
+}
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -37,11 +103,11 @@ pub struct FlowKey {
     pub remote_addr: [u8; 16],
     /// The port the initiator connected to (host byte order); 0 where ports do not exist.
     pub service_port: u16,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    /// A [`Family`].
     pub family: u8,
     /// IP protocol number.
     pub protocol: u8,
-    /// [`INITIATOR_LOCAL`] or [`INITIATOR_REMOTE`].
+    /// An [`Initiator`].
     pub initiator: u8,
     pub _pad: [u8; 3],
 }
@@ -127,6 +193,8 @@ pub const MAX_CGROUP_LEVEL: u32 = 16;
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, padding is explicit.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, two u64 counters.
     unsafe impl aya::Pod for super::FlowStats {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, padding is explicit.
     unsafe impl aya::Pod for super::ListenKey {}
 }

@@ -2,6 +2,7 @@
 //! into connection-level flows; cgroup_sock post_bind learns UDP server ports.
 //!
 //! Every program returns 1 ("pass") on every path: the auditor observes, it never filters.
+//! The statics and program functions carry the names in `netaudit_ebpf::names`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -24,9 +25,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockContext},
 };
 use netaudit_ebpf::{
-    DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, FAMILY_V4, FAMILY_V6, FlowKey, FlowStats, INITIATOR_LOCAL, INITIATOR_REMOTE,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ListenKey, MAX_CGROUP_LEVEL, SockState,
-    config, loss,
+    DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, Family, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, SockState, capacity, config, loss,
 };
 
 const PASS: i32 = 1;
@@ -40,15 +40,15 @@ const TCP_LISTEN: u32 = 10;
 
 /// The audited cgroups (ids written by userspace before attaching); value unused.
 #[map]
-static AUDITED: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+static AUDITED: HashMap<u64, u8> = HashMap::with_max_entries(capacity::AUDITED, 0);
 
 /// The flows. A plain hash (not LRU) so that a full map fails inserts visibly (counted in
 /// LOSSES) instead of silently evicting recorded flows.
 #[map]
-static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(65536, 0);
+static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(capacity::FLOWS, 0);
 
 #[map]
-static LISTEN: HashMap<ListenKey, u8> = HashMap::with_max_entries(8192, 0);
+static LISTEN: HashMap<ListenKey, u8> = HashMap::with_max_entries(capacity::LISTEN, 0);
 
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
@@ -57,7 +57,7 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
 static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 
 #[map]
-static DNS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static DNS: RingBuf = RingBuf::with_byte_size(capacity::DNS_RING_BYTES, 0);
 
 /// Per-socket memo of the flow key, so an established connection's packets cost one storage
 /// lookup and one flow update instead of a parse and a classification.
@@ -73,13 +73,6 @@ pub fn netaudit_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn netaudit_ingress(ctx: SkBuffContext) -> i32 {
     account(&ctx, false);
-    PASS
-}
-
-/// An empty program: the floor the benchmarks compare the real programs against. Never attached
-/// by netaudit itself.
-#[cgroup_skb(egress)]
-pub fn netaudit_pass(_ctx: SkBuffContext) -> i32 {
     PASS
 }
 
@@ -100,16 +93,19 @@ pub fn netaudit_bind6(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn learn_bound_port(ctx: &SockContext) {
     let sock = ctx.sock;
+    // SAFETY: a post_bind program's context points at the bound socket, valid for the run.
     let (protocol, port) = unsafe { ((*sock).protocol, (*sock).src_port) };
     if protocol != IPPROTO_UDP as u32 || is_ephemeral(port as u16) {
         return;
     }
     let mut cgroup_id = 0;
     for level in 1..MAX_CGROUP_LEVEL {
+        // SAFETY: a helper without pointer arguments; 0 past the deepest level.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if id == 0 {
             return;
         }
+        // SAFETY: the value is only tested for presence, never read.
         if unsafe { AUDITED.get(&id) }.is_some() {
             cgroup_id = id;
             break;
@@ -131,7 +127,7 @@ fn is_ephemeral(port: u16) -> bool {
 #[inline(always)]
 fn bump_loss(slot: u32, n: u64) {
     if let Some(p) = LOSSES.get_ptr_mut(slot) {
-        // Per-CPU slot: no other writer.
+        // SAFETY: the pointer is the map's own slot for this CPU: valid, and no other writer.
         unsafe { *p += n };
     }
 }
@@ -146,31 +142,38 @@ struct Packet {
 #[inline(always)]
 fn account(ctx: &SkBuffContext, egress: bool) {
     let skb = ctx.skb.skb;
+    // SAFETY: the context's skb is valid for the run; these fields are readable by cgroup_skb.
     let (len, gso_segs, sk) = unsafe { ((*skb).len, (*skb).gso_segs, (*skb).__bindgen_anon_2.sk) };
     let pkt = Packet {
         len: len as u64,
         // A GSO super-packet stands for several wire packets.
         segs: if gso_segs > 1 { gso_segs as u64 } else { 1 },
+        // SAFETY: a helper without arguments.
         now: unsafe { bpf_ktime_get_coarse_ns() },
         egress,
     };
+    // SAFETY: `sk` is the skb's socket, checked non-null; the helper returns null or a full socket.
     let full: *mut bpf_sock = if sk.is_null() { ptr::null_mut() } else { unsafe { bpf_sk_fullsock(sk) } };
     let mut state = 0;
     let mut protocol = 0;
     if !full.is_null() {
+        // SAFETY: `full` is a non-null full socket from bpf_sk_fullsock.
         unsafe {
             state = (*full).state;
             protocol = (*full).protocol;
         }
         if memo_allowed(protocol, state) && state != TCP_SYN_SENT {
+            // SAFETY: SOCKS is a socket-storage map and `full` a full socket; without the create
+            // flag the helper only looks up, returning null or this socket's SockState.
             let memo =
                 unsafe { bpf_sk_storage_get(ptr::from_ref(&SOCKS).cast_mut().cast(), full.cast(), ptr::null_mut(), 0) }
                     .cast::<SockState>();
             if !memo.is_null() {
                 // The fast path: no parsing, no classification.
+                // SAFETY: non-null storage of this socket, alive while the program runs.
                 let key = unsafe { &(*memo).key };
                 record(key, &pkt, false);
-                if !egress && key.initiator == INITIATOR_LOCAL && key.service_port == DNS_PORT {
+                if !egress && key.initiator == Initiator::Local as u8 && key.service_port == DNS_PORT {
                     let _ = capture_dns(ctx, key.cgroup_id);
                 }
                 return;
@@ -219,7 +222,7 @@ fn parse(ctx: &SkBuffContext) -> Result<(Headers, usize), ()> {
     match first >> 4 {
         4 => {
             let ip: [u8; 20] = ctx.load(0).map_err(|_| ())?;
-            h.family = FAMILY_V4;
+            h.family = Family::V4 as u8;
             h.protocol = ip[9];
             h.saddr[..4].copy_from_slice(&ip[12..16]);
             h.daddr[..4].copy_from_slice(&ip[16..20]);
@@ -227,7 +230,7 @@ fn parse(ctx: &SkBuffContext) -> Result<(Headers, usize), ()> {
         }
         6 => {
             let ip: [u8; 40] = ctx.load(0).map_err(|_| ())?;
-            h.family = FAMILY_V6;
+            h.family = Family::V6 as u8;
             h.saddr.copy_from_slice(&ip[8..24]);
             h.daddr.copy_from_slice(&ip[24..40]);
             let mut next = ip[6];
@@ -288,6 +291,7 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
 
     if !full.is_null() && protocol == IPPROTO_TCP as u32 && state == TCP_LISTEN {
         let key = ListenKey { cgroup_id, port: lport, protocol: IPPROTO_TCP, _pad: [0; 5] };
+        // SAFETY: the value is only tested for presence, never read.
         if unsafe { LISTEN.get(&key) }.is_none() {
             let _ = LISTEN.insert(&key, &1, 0);
         }
@@ -299,10 +303,10 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
             let ack = h.tcp_flags & 0x10 != 0;
             if syn && !ack {
                 // The opening SYN: its sender initiates, its destination port is the service.
-                (if egress { INITIATOR_LOCAL } else { INITIATOR_REMOTE }, h.dport)
+                (if egress { Initiator::Local } else { Initiator::Remote }, h.dport)
             } else if syn {
                 // SYN-ACK: its sender is the server.
-                (if egress { INITIATOR_REMOTE } else { INITIATOR_LOCAL }, h.sport)
+                (if egress { Initiator::Remote } else { Initiator::Local }, h.sport)
             } else {
                 by_listening_port(cgroup_id, h.protocol, lport, rport)
             }
@@ -311,11 +315,11 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // Echo replies belong to the request's sender; every other message to its sender.
             let reply = h.icmp_type == 0 || h.icmp_type == 129;
-            let sender = if egress { INITIATOR_LOCAL } else { INITIATOR_REMOTE };
-            let other = if egress { INITIATOR_REMOTE } else { INITIATOR_LOCAL };
+            let sender = if egress { Initiator::Local } else { Initiator::Remote };
+            let other = if egress { Initiator::Remote } else { Initiator::Local };
             (if reply { other } else { sender }, 0)
         }
-        _ => (if egress { INITIATOR_LOCAL } else { INITIATOR_REMOTE }, 0),
+        _ => (if egress { Initiator::Local } else { Initiator::Remote }, 0),
     };
 
     let key = FlowKey {
@@ -325,7 +329,7 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
         service_port,
         family: h.family,
         protocol: h.protocol,
-        initiator,
+        initiator: initiator as u8,
         _pad: [0; 3],
     };
 
@@ -333,15 +337,19 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
     if !full.is_null() && memo_allowed(protocol, state) {
         let sock = full.cast();
         let map = ptr::from_ref(&SOCKS).cast_mut().cast();
+        // SAFETY: as on the fast path: a lookup in this socket's storage.
         let existing = unsafe { bpf_sk_storage_get(map, sock, ptr::null_mut(), 0) }.cast::<SockState>();
         if existing.is_null() {
             new_connection = true;
             let mut init = SockState { key };
+            // SAFETY: creates this socket's storage from `init`, a SockState on the stack that
+            // the helper copies.
             let _ = unsafe {
                 bpf_sk_storage_get(map, sock, ptr::from_mut(&mut init).cast(), BPF_SK_STORAGE_GET_F_CREATE as u64)
             };
         } else {
             // A socket that connects again (after a failed attempt) gets the new key.
+            // SAFETY: non-null storage of this socket; only this socket's programs write it.
             unsafe { (*existing).key = key };
         }
     }
@@ -355,19 +363,22 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
 }
 
 #[inline(always)]
-fn by_listening_port(cgroup_id: u64, protocol: u8, lport: u16, rport: u16) -> (u8, u16) {
+fn by_listening_port(cgroup_id: u64, protocol: u8, lport: u16, rport: u16) -> (Initiator, u16) {
     let key = ListenKey { cgroup_id, port: lport, protocol, _pad: [0; 5] };
-    if unsafe { LISTEN.get(&key) }.is_some() { (INITIATOR_REMOTE, lport) } else { (INITIATOR_LOCAL, rport) }
+    // SAFETY: the value is only tested for presence, never read.
+    if unsafe { LISTEN.get(&key) }.is_some() { (Initiator::Remote, lport) } else { (Initiator::Local, rport) }
 }
 
 /// The audited cgroup this packet's socket lives under (itself or an ancestor).
 #[inline(always)]
 fn audited_cgroup(ctx: &SkBuffContext) -> Option<u64> {
     for level in 1..MAX_CGROUP_LEVEL {
+        // SAFETY: the context's own skb; the helper returns 0 past the deepest level.
         let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
         if id == 0 {
             return None;
         }
+        // SAFETY: the value is only tested for presence, never read.
         if unsafe { AUDITED.get(&id) }.is_some() {
             return Some(id);
         }
@@ -410,6 +421,8 @@ fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) {
 #[inline(always)]
 fn add(stats: *mut FlowStats, pkt: &Packet, new_connection: bool) {
     // The return values stay unused: a used fetch-add needs BPF_FETCH (cpu v3).
+    // SAFETY: `stats` is a flow map value from get_ptr_mut (valid while the program runs);
+    // concurrent CPUs only add atomically, and a lost `last_ns` race costs a nanosecond.
     unsafe {
         if pkt.egress {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_out, pkt.segs);
@@ -455,6 +468,8 @@ fn capture_dns(ctx: &SkBuffContext, cgroup_id: u64) -> Result<(), ()> {
         entry.discard(0);
         return Ok(());
     }
+    // SAFETY: `event` is the ring buffer entry just reserved for a DnsEvent, exclusively ours
+    // until submitted or discarded; the copy's length is bounded by `data`'s.
     let ret = unsafe {
         (*event).cgroup_id = cgroup_id;
         (*event).protocol = h.protocol;
@@ -475,6 +490,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY (both attributes): the loader reads the license from the `license` section; no other
+// symbol is named LICENSE.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -22,7 +22,8 @@ use aya::{
     maps::HashMap,
     programs::{CgroupSkb, ProgramError, TestRun, TestRunOptions},
 };
-use netaudit::capture::{Capture, CaptureConfig, EBPF_OBJECT, cgroup};
+use netaudit::capture::{Capture, CaptureConfig, EBPF_OBJECT, FLOOR_OBJECT, cgroup};
+use netaudit_ebpf::names;
 use netaudit_tests::{Cgroup, require_kernel, test_cgroup};
 
 const ROUNDS: usize = 5;
@@ -85,15 +86,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn test_run(cg: &Cgroup) -> Result<()> {
-    let mut ebpf = EbpfLoader::new().map_max_entries("FLOWS", 1 << 17).load(EBPF_OBJECT)?;
+    let mut ebpf = EbpfLoader::new().map_max_entries(names::FLOWS, 1 << 17).load(EBPF_OBJECT)?;
+    let mut floor = EbpfLoader::new().load(FLOOR_OBJECT)?;
     let id = cgroup::cgroup_id(&cg.path)?;
-    HashMap::<_, u64, u8>::try_from(ebpf.map_mut("AUDITED").unwrap())?.insert(id, 1, 0)?;
-    for name in ["netaudit_pass", "netaudit_egress"] {
-        let p: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into()?;
+    HashMap::<_, u64, u8>::try_from(ebpf.map_mut(names::AUDITED).unwrap())?.insert(id, 1, 0)?;
+    for (object, name) in [(&mut floor, names::FLOOR), (&mut ebpf, names::EGRESS)] {
+        let p: &mut CgroupSkb = object.program_mut(name).unwrap().try_into()?;
         p.load()?;
     }
     let run = |name: &str, data: &[u8], repeat: u32| -> Result<Duration, ProgramError> {
-        let p: &CgroupSkb = ebpf.program(name).unwrap().try_into().unwrap();
+        let object = if name == names::FLOOR { &floor } else { &ebpf };
+        let p: &CgroupSkb = object.program(name).unwrap().try_into().unwrap();
         let r = p.test_run(TestRunOptions { data_in: Some(data), repeat, ..Default::default() })?;
         assert_eq!(r.return_value, 1, "{name} must pass the packet");
         Ok(r.duration)
@@ -102,8 +105,8 @@ fn test_run(cg: &Cgroup) -> Result<()> {
     let mut pass = Vec::new();
     let mut hit = Vec::new();
     for _ in 0..ROUNDS {
-        pass.push(run("netaudit_pass", &existing, 1_000_000)?.as_nanos() as f64);
-        hit.push(run("netaudit_egress", &existing, 1_000_000)?.as_nanos() as f64);
+        pass.push(run(names::FLOOR, &existing, 1_000_000)?.as_nanos() as f64);
+        hit.push(run(names::EGRESS, &existing, 1_000_000)?.as_nanos() as f64);
     }
     // New flows: one run per distinct destination port, averaged.
     let mut new = Vec::new();
@@ -111,7 +114,7 @@ fn test_run(cg: &Cgroup) -> Result<()> {
     for _ in 0..ROUNDS {
         let mut kernel = Duration::ZERO;
         for _ in 0..10_000 {
-            kernel += run("netaudit_egress", &frame(port), 1)?;
+            kernel += run(names::EGRESS, &frame(port), 1)?;
             port = port.wrapping_add(1).max(1);
         }
         new.push(kernel.as_nanos() as f64 / 10_000.0);

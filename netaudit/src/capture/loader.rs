@@ -1,0 +1,125 @@
+//! Loading the kernel object: the programs loaded once, the maps taken once as typed handles
+//! (so the rest of the capture never looks a map up by name or re-checks its types).
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock},
+};
+use netaudit_ebpf::{DnsEvent, FlowKey, FlowStats, ListenKey, config, names};
+
+use super::pins::Pins;
+
+/// The kernel object built by build.rs from `netaudit-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
+/// The benchmarks' empty program ([`names::FLOOR`]), an object of its own: never loaded by a
+/// capture.
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-floor"));
+
+/// Packet accounting per direction.
+pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
+    [(names::EGRESS, CgroupSkbAttachType::Egress), (names::INGRESS, CgroupSkbAttachType::Ingress)];
+/// The bind hooks that learn UDP server ports.
+pub const BIND_PROGRAMS: [&str; 2] = [names::BIND4, names::BIND6];
+
+/// The maps userspace reads and writes, taken from the object once.
+pub struct Maps {
+    /// Audited cgroup ids.
+    pub audited: HashMap<MapData, u64, u8>,
+    pub flows: HashMap<MapData, FlowKey, FlowStats>,
+    /// Serving ports, seeded at attach.
+    pub listen: HashMap<MapData, ListenKey, u8>,
+    pub losses: PerCpuArray<MapData, u64>,
+    /// DNS answers.
+    pub dns: RingBuf<MapData>,
+}
+
+/// What the size of [`DnsEvent`] says about a ring buffer item: whole, or cut short.
+pub fn dns_event(item: &[u8]) -> Option<DnsEvent> {
+    if item.len() < size_of::<DnsEvent>() {
+        return None;
+    }
+    // SAFETY: the kernel wrote a whole DnsEvent (plain old data); read it unaligned from the ring.
+    Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) })
+}
+
+/// Loads the object (its maps pinned under `pins` when given: reopened if an earlier capture
+/// pinned them), configures it, loads every program, and takes the maps.
+pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16)) -> Result<(Ebpf, Maps)> {
+    raise_memlock_limit();
+    let map_pins: Vec<(&str, std::path::PathBuf)> = match pins {
+        Some(p) => names::MAPS.iter().map(|m| (*m, p.map(m))).collect(),
+        None => Vec::new(),
+    };
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(names::FLOWS, max_flows.max(1));
+    for (name, path) in &map_pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf =
+        loader.load(EBPF_OBJECT).context("loading the eBPF object (are you root, with BPF enabled in this kernel?)")?;
+    {
+        let mut cfg: Array<_, u32> = Array::try_from(ebpf.map_mut(names::CONFIG).context(names::CONFIG)?)?;
+        cfg.set(config::EPHEMERAL_LOW, ephemeral.0 as u32, 0)?;
+        cfg.set(config::EPHEMERAL_HIGH, ephemeral.1 as u32, 0)?;
+    }
+    for (name, _) in SKB_PROGRAMS {
+        let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
+        prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
+    }
+    for name in BIND_PROGRAMS {
+        let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
+        prog.load().with_context(|| format!("loading program {name}"))?;
+    }
+    let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} in the eBPF object"));
+    let maps = Maps {
+        audited: HashMap::try_from(take(names::AUDITED)?)?,
+        flows: HashMap::try_from(take(names::FLOWS)?)?,
+        listen: HashMap::try_from(take(names::LISTEN)?)?,
+        losses: PerCpuArray::try_from(take(names::LOSSES)?)?,
+        dns: RingBuf::try_from(take(names::DNS)?)?,
+    };
+    Ok((ebpf, maps))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it where allowed.
+fn raise_memlock_limit() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid pointer; failure only matters on old kernels and is reported by the load.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+/// Whether this process can load BPF programs here (root / CAP_BPF and a cgroup v2 mount).
+pub fn preflight() -> Result<()> {
+    super::cgroup::cgroup2_mount()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "netaudit must run as root (or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load cgroup eBPF programs"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names userspace looks maps and programs up by are the object's own (no root needed
+    /// to parse it), and the floor program is only in its own object.
+    #[test]
+    fn the_object_has_every_named_map_and_program() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        for m in names::MAPS {
+            assert!(object.maps.contains_key(m), "map {m}: {:?}", object.maps.keys().collect::<Vec<_>>());
+        }
+        let programs: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        for p in SKB_PROGRAMS.map(|(n, _)| n).into_iter().chain(BIND_PROGRAMS) {
+            assert!(programs.contains(&p), "program {p}: {programs:?}");
+        }
+        assert!(!programs.contains(&names::FLOOR));
+        let floor = aya_obj::Object::parse(FLOOR_OBJECT).unwrap();
+        assert!(floor.programs.contains_key(names::FLOOR));
+    }
+}
