@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a map key or value layout changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Who opened the connection, seen from the audited cgroup ([`FlowKey::initiator`]).
 #[repr(u8)]
@@ -63,6 +63,15 @@ pub mod names {
     /// cgroup_sock post_bind, per family.
     pub const BIND4: &str = "netaudit_bind4";
     pub const BIND6: &str = "netaudit_bind6";
+    /// cgroup_sock sock_release: folds a closing socket's counts into FLOWS.
+    pub const RELEASE: &str = "netaudit_release";
+    /// The socket iterators userspace runs before it reads FLOWS, in each audited network
+    /// namespace: they fold every live socket's pending counts. (A bpf_sk_storage_map iterator
+    /// would need no namespaces, but map iterators are refused here: EPERM at load.)
+    pub const FOLD_TCP: &str = "netaudit_fold_tcp";
+    pub const FOLD_UDP: &str = "netaudit_fold_udp";
+    /// Each fold iterator with the kernel's name of what it iterates.
+    pub const FOLDS: [(&str, &str); 2] = [(FOLD_TCP, "tcp"), (FOLD_UDP, "udp")];
     /// The benchmarks' empty cgroup_skb program, in an object of its own (`netaudit-floor`)
     /// that a capture never loads.
     pub const FLOOR: &str = "netaudit_floor";
@@ -139,11 +148,30 @@ pub struct ListenKey {
     pub _pad: [u8; 5],
 }
 
-/// What the per-socket storage remembers, so established packets skip parsing and classifying.
+/// What the per-socket storage remembers, so a connection's packets skip parsing, classifying
+/// and the flow map: they count here, and [`Pending`] is folded into the flow at `key` when the
+/// socket is released and whenever userspace drains (the fold iterator).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SockState {
     pub key: FlowKey,
+    pub pending: Pending,
+    /// Non-zero once the socket was released: from then on its packets go to FLOWS directly.
+    pub released: u64,
+}
+
+/// A socket's counts not yet in FLOWS. Packets add atomically; a fold takes each counter with an
+/// atomic exchange, so every count lands in FLOWS exactly once whoever folds (release, the
+/// iterator, a packet that raced the release).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pending {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the latest packet counted here; 0 when none.
+    pub last_ns: u64,
 }
 
 /// Largest DNS message prefix copied to userspace.

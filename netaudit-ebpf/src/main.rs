@@ -1,6 +1,12 @@
 //! netaudit's kernel programs: cgroup_skb ingress/egress aggregate the audited cgroups' packets
 //! into connection-level flows; cgroup_sock post_bind learns UDP server ports.
 //!
+//! A connection's first packet is parsed and classified once; its flow key is then memoized in
+//! the socket's storage, and its later packets only add to counters there. Those counts are
+//! folded into FLOWS when the socket is released (`netaudit_release`) and whenever userspace
+//! drains (the `netaudit_fold_tcp`/`_udp` socket iterators, run in each audited network
+//! namespace), so FLOWS is exact at every drain without a flow-map update per packet.
+//!
 //! Every program returns 1 ("pass") on every path: the auditor observes, it never filters.
 //! The statics and program functions carry the names in `netaudit_ebpf::names`.
 #![no_std]
@@ -9,7 +15,8 @@
 #![allow(internal_features)]
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg},
     ptr,
 };
 
@@ -18,7 +25,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_sk_fullsock, bpf_sk_storage_get,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -59,8 +66,8 @@ static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 #[map]
 static DNS: RingBuf = RingBuf::with_byte_size(capacity::DNS_RING_BYTES, 0);
 
-/// Per-socket memo of the flow key, so an established connection's packets cost one storage
-/// lookup and one flow update instead of a parse and a classification.
+/// Per-socket memo of the flow key and the counts not yet folded, so an established
+/// connection's packets cost one storage lookup and two atomic adds.
 #[btf_map]
 static SOCKS: SkStorage<SockState> = SkStorage::new();
 
@@ -88,6 +95,79 @@ pub fn netaudit_bind4(ctx: SockContext) -> i32 {
 pub fn netaudit_bind6(ctx: SockContext) -> i32 {
     learn_bound_port(&ctx);
     PASS
+}
+
+/// A closing socket's pending counts go to its flow; packets after this (a TCP close's last
+/// segments) count in FLOWS directly.
+#[cgroup_sock(sock_release)]
+pub fn netaudit_release(ctx: SockContext) -> i32 {
+    // SAFETY: SOCKS is a socket-storage map and the context a full socket; without the create
+    // flag the helper only looks up, returning null or this socket's SockState.
+    let memo = unsafe { bpf_sk_storage_get(socks(), ctx.sock.cast(), ptr::null_mut(), 0) }.cast::<SockState>();
+    if !memo.is_null() {
+        // SAFETY: non-null storage of this socket, alive while the program runs. The store
+        // comes before the fold's exchanges, so a packet counted after them sees it.
+        unsafe { ptr::write_volatile(&raw mut (*memo).released, 1) };
+        fold(memo);
+    }
+    PASS
+}
+
+/// The start of a tcp or udp iterator's context (`struct bpf_iter__tcp`, `bpf_iter__udp`): one
+/// socket per run (a `sock_common` or a `udp_sock`), null once at the end.
+#[repr(C)]
+pub struct SocketIter {
+    meta: *mut c_void,
+    sk: *mut c_void,
+}
+
+/// Run by userspace before every drain, in each audited network namespace: folds every live TCP
+/// socket's pending counts into FLOWS. aya-ebpf has no iterator macro; the section name is the
+/// program type and the iterator.
+// SAFETY (both attributes): the loader finds programs by section and symbol; no other symbol is
+// named netaudit_fold_tcp.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn netaudit_fold_tcp(ctx: *mut SocketIter) -> i32 {
+    // SAFETY: the kernel passes a valid iterator context; `sk` is null or a sock_common.
+    let skc = unsafe { (*ctx).sk };
+    if skc.is_null() {
+        return 0;
+    }
+    // SAFETY: the helper checks the socket's type: a full TCP socket or null (request and
+    // time-wait sockets have no storage).
+    let tcp = unsafe { bpf_skc_to_tcp_sock(skc) };
+    if !tcp.is_null() {
+        fold_socket(tcp.cast());
+    }
+    0
+}
+
+/// As [`netaudit_fold_tcp`], for UDP sockets.
+// SAFETY: as above.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/udp")]
+pub fn netaudit_fold_udp(ctx: *mut SocketIter) -> i32 {
+    // SAFETY: as above; `sk` is null or a udp_sock (a full socket).
+    let udp = unsafe { (*ctx).sk };
+    if !udp.is_null() {
+        fold_socket(udp);
+    }
+    0
+}
+
+#[inline(always)]
+fn fold_socket(sk: *mut c_void) {
+    // SAFETY: a lookup only (no create flag) in a full socket's storage: null or its SockState.
+    let memo = unsafe { bpf_sk_storage_get(socks(), sk, ptr::null_mut(), 0) }.cast::<SockState>();
+    if !memo.is_null() {
+        fold(memo);
+    }
+}
+
+#[inline(always)]
+fn socks() -> *mut c_void {
+    ptr::from_ref(&SOCKS).cast_mut().cast()
 }
 
 #[inline(always)]
@@ -165,14 +245,13 @@ fn account(ctx: &SkBuffContext, egress: bool) {
         if memo_allowed(protocol, state) && state != TCP_SYN_SENT {
             // SAFETY: SOCKS is a socket-storage map and `full` a full socket; without the create
             // flag the helper only looks up, returning null or this socket's SockState.
-            let memo =
-                unsafe { bpf_sk_storage_get(ptr::from_ref(&SOCKS).cast_mut().cast(), full.cast(), ptr::null_mut(), 0) }
-                    .cast::<SockState>();
-            if !memo.is_null() {
-                // The fast path: no parsing, no classification.
+            let memo = unsafe { bpf_sk_storage_get(socks(), full.cast(), ptr::null_mut(), 0) }.cast::<SockState>();
+            // SAFETY: non-null storage of this socket, alive while the program runs.
+            if !memo.is_null() && unsafe { (*memo).key.cgroup_id } != 0 {
+                // The fast path: no parsing, no classification, no flow map.
+                count_memoized(memo, &pkt);
                 // SAFETY: non-null storage of this socket, alive while the program runs.
                 let key = unsafe { &(*memo).key };
-                record(key, &pkt, false);
                 if !egress && key.initiator == Initiator::Local as u8 && key.service_port == DNS_PORT {
                     let _ = capture_dns(ctx, key.cgroup_id);
                 }
@@ -333,33 +412,100 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
         _pad: [0; 3],
     };
 
-    let mut new_connection = false;
-    if !full.is_null() && memo_allowed(protocol, state) {
-        let sock = full.cast();
-        let map = ptr::from_ref(&SOCKS).cast_mut().cast();
-        // SAFETY: as on the fast path: a lookup in this socket's storage.
-        let existing = unsafe { bpf_sk_storage_get(map, sock, ptr::null_mut(), 0) }.cast::<SockState>();
-        if existing.is_null() {
-            new_connection = true;
-            let mut init = SockState { key };
-            // SAFETY: creates this socket's storage from `init`, a SockState on the stack that
-            // the helper copies.
-            let _ = unsafe {
-                bpf_sk_storage_get(map, sock, ptr::from_mut(&mut init).cast(), BPF_SK_STORAGE_GET_F_CREATE as u64)
-            };
-        } else {
-            // A socket that connects again (after a failed attempt) gets the new key.
-            // SAFETY: non-null storage of this socket; only this socket's programs write it.
-            unsafe { (*existing).key = key };
-        }
-    }
-
-    record(&key, pkt, new_connection);
+    memoize_and_record(&key, pkt, full, memo_allowed(protocol, state));
 
     if !egress && h.sport == DNS_PORT && (h.protocol == IPPROTO_UDP || h.protocol == IPPROTO_TCP) {
         let _ = capture_dns(ctx, cgroup_id);
     }
     Ok(())
+}
+
+/// Records the packet in FLOWS and, for a socket whose packets all belong to this flow, memoizes
+/// the key so the next packets take the fast path. A socket whose flow could not be recorded
+/// (flow map full) is not memoized: its packets keep counting as lost.
+#[inline(always)]
+fn memoize_and_record(key: &FlowKey, pkt: &Packet, full: *mut bpf_sock, memoizable: bool) {
+    if full.is_null() || !memoizable {
+        record(key, pkt, false);
+        return;
+    }
+    let sock = full.cast();
+    // SAFETY: as on the fast path: a lookup in this socket's storage.
+    let existing = unsafe { bpf_sk_storage_get(socks(), sock, ptr::null_mut(), 0) }.cast::<SockState>();
+    if !record(key, pkt, existing.is_null()) {
+        return;
+    }
+    if existing.is_null() {
+        // Created zeroed (an initial value would cost the stack a whole SockState), then keyed:
+        // until the key is written, the fast path takes a zero cgroup id for "not memoized".
+        // SAFETY: creates this socket's storage; null or the new, zeroed SockState.
+        let created = unsafe { bpf_sk_storage_get(socks(), sock, ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE as u64) }
+            .cast::<SockState>();
+        if !created.is_null() {
+            // SAFETY: non-null storage of this socket, alive while the program runs.
+            unsafe { (*created).key = *key };
+        }
+    } else {
+        // A socket that connects again (after a failed attempt): what it counted belongs to the
+        // old key, the new packets to the new one.
+        fold(existing);
+        // SAFETY: non-null storage of this socket; only this socket's programs write the key.
+        unsafe { (*existing).key = *key };
+    }
+}
+
+/// The fast path's accounting: atomic adds to the socket's pending counts. A released socket's
+/// packets go to FLOWS; a packet that raced the release folds what the release may have missed.
+#[inline(always)]
+fn count_memoized(memo: *mut SockState, pkt: &Packet) {
+    // SAFETY: `memo` is this socket's storage (non-null, alive while the program runs); the
+    // counters are only ever added to atomically here and exchanged atomically by folds.
+    unsafe {
+        if ptr::read_volatile(&raw const (*memo).released) != 0 {
+            record(&(*memo).key, pkt, false);
+            return;
+        }
+        let p = &raw mut (*memo).pending;
+        if pkt.egress {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).packets_out, pkt.segs);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).bytes_out, pkt.len);
+        } else {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).packets_in, pkt.segs);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).bytes_in, pkt.len);
+        }
+        if (*p).last_ns < pkt.now {
+            (*p).last_ns = pkt.now;
+        }
+        if ptr::read_volatile(&raw const (*memo).released) != 0 {
+            fold(memo);
+        }
+    }
+}
+
+/// Moves a socket's pending counts into its flow. Each counter is taken with an exchange, so
+/// concurrent folds (release, iterator, a racing packet) never count anything twice.
+#[inline(always)]
+fn fold(memo: *mut SockState) {
+    // SAFETY: `memo` is a socket's storage, valid for the run; see `count_memoized`.
+    let delta = unsafe {
+        let p = &raw mut (*memo).pending;
+        let take = |c: *mut u64| atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(c, 0);
+        let last = take(&raw mut (*p).last_ns);
+        let delta = FlowStats {
+            packets_out: take(&raw mut (*p).packets_out),
+            bytes_out: take(&raw mut (*p).bytes_out),
+            packets_in: take(&raw mut (*p).packets_in),
+            bytes_in: take(&raw mut (*p).bytes_in),
+            first_ns: last,
+            last_ns: last,
+            connections: 0,
+        };
+        delta
+    };
+    if delta.packets_out != 0 || delta.packets_in != 0 {
+        // SAFETY: as above; the key is read in place (a copy would cost the stack).
+        merge(unsafe { &(*memo).key }, &delta);
+    }
 }
 
 #[inline(always)]
@@ -386,14 +532,11 @@ fn audited_cgroup(ctx: &SkBuffContext) -> Option<u64> {
     None
 }
 
+/// Counts one packet in its flow. Returns whether the flow is in FLOWS (false: map full, lost).
 #[inline(always)]
-fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) {
-    if let Some(stats) = FLOWS.get_ptr_mut(key) {
-        add(stats, pkt, new_connection);
-        return;
-    }
+fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) -> bool {
     let (po, bo, pi, bi) = if pkt.egress { (pkt.segs, pkt.len, 0, 0) } else { (0, 0, pkt.segs, pkt.len) };
-    let init = FlowStats {
+    let delta = FlowStats {
         packets_out: po,
         bytes_out: bo,
         packets_in: pi,
@@ -402,40 +545,53 @@ fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) {
         last_ns: pkt.now,
         connections: new_connection as u64,
     };
-    match FLOWS.insert(key, &init, BPF_NOEXIST as u64) {
-        Ok(()) => {}
+    merge(key, &delta)
+}
+
+/// Adds `delta` to the flow at `key`, inserting it when new. Returns whether the flow is in
+/// FLOWS; what could not be inserted is counted in LOSSES.
+#[inline(always)]
+fn merge(key: &FlowKey, delta: &FlowStats) -> bool {
+    if let Some(stats) = FLOWS.get_ptr_mut(key) {
+        add(stats, delta);
+        return true;
+    }
+    match FLOWS.insert(key, delta, BPF_NOEXIST as u64) {
+        Ok(()) => true,
         Err(e) if e == -EEXIST => {
             // Another CPU inserted it first.
             if let Some(stats) = FLOWS.get_ptr_mut(key) {
-                add(stats, pkt, new_connection);
+                add(stats, delta);
             }
+            true
         }
         Err(_) => {
             bump_loss(loss::FLOWS, 1);
-            bump_loss(loss::PACKETS, pkt.segs);
-            bump_loss(loss::BYTES, pkt.len);
+            bump_loss(loss::PACKETS, delta.packets_out + delta.packets_in);
+            bump_loss(loss::BYTES, delta.bytes_out + delta.bytes_in);
+            false
         }
     }
 }
 
 #[inline(always)]
-fn add(stats: *mut FlowStats, pkt: &Packet, new_connection: bool) {
-    // The return values stay unused: a used fetch-add needs BPF_FETCH (cpu v3).
+fn add(stats: *mut FlowStats, delta: &FlowStats) {
     // SAFETY: `stats` is a flow map value from get_ptr_mut (valid while the program runs);
     // concurrent CPUs only add atomically, and a lost `last_ns` race costs a nanosecond.
     unsafe {
-        if pkt.egress {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_out, pkt.segs);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes_out, pkt.len);
-        } else {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_in, pkt.segs);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes_in, pkt.len);
+        if delta.packets_out != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_out, delta.packets_out);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes_out, delta.bytes_out);
         }
-        if new_connection {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).connections, 1);
+        if delta.packets_in != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets_in, delta.packets_in);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes_in, delta.bytes_in);
         }
-        if (*stats).last_ns < pkt.now {
-            (*stats).last_ns = pkt.now;
+        if delta.connections != 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).connections, delta.connections);
+        }
+        if (*stats).last_ns < delta.last_ns {
+            (*stats).last_ns = delta.last_ns;
         }
     }
 }

@@ -75,6 +75,43 @@ fn udp_request_response_is_one_flow_and_replies_add_none() {
     assert_eq!(f.connections, 1, "one connected UDP socket");
 }
 
+/// A connection's packets count in its socket until a drain or its close folds them into the
+/// flow: every drain sees exact counts, nothing is counted twice, and the counts after the close
+/// are complete.
+#[test]
+fn an_open_socket_counts_exactly_at_every_drain_and_after_its_close() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _peer = start_peer_services(&lab).unwrap();
+    let cg = test_cgroup().unwrap();
+    let mut capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
+    let mut sock = helper(&lab.pod, Some(&cg.path), &["hold-udp", "192.0.2.2:7", "3"]).unwrap();
+    let want = egress(Protocol::Udp, POD_V4, PEER_V4, 7);
+    // Each datagram: 20 (IP) + 8 (UDP) + "ping k".
+    let datagram = 28 + 6;
+    for round in 1..=3u64 {
+        assert_eq!(sock.line().unwrap(), "sent");
+        let file = capture.snapshot().unwrap();
+        let f = find(&file, &want);
+        assert_eq!((f.packets_from_src, f.packets_from_dst), (3 * round, 3 * round), "drain {round}: {f:#?}");
+        assert_eq!((f.bytes_from_src, f.bytes_from_dst), (3 * round * datagram, 3 * round * datagram));
+        sock.send(if round < 3 { "more" } else { "close" }).unwrap();
+    }
+    assert_eq!(sock.line().unwrap(), "closed");
+    sock.finish().unwrap();
+    // Three rounds were drained; the close adds nothing, and a socket gone between drains
+    // loses nothing: one more round on a new socket, closed before any drain.
+    let more = helper(&lab.pod, Some(&cg.path), &["udp-connected", "192.0.2.2:7", "2"]).unwrap();
+    more.finish().unwrap();
+    let file = capture.stop().unwrap();
+    let f = find(&file, &want);
+    assert_eq!((f.packets_from_src, f.packets_from_dst), (11, 11), "{f:#?}");
+    assert_eq!(f.bytes_from_src, 11 * datagram);
+    assert_eq!(f.connections, 2);
+}
+
 #[test]
 fn ipv6_flow() {
     if !require_kernel() {

@@ -2,14 +2,16 @@
 //! (so the rest of the capture never looks a map up by name or re-checks its types).
 
 use anyhow::{Context, Result};
+use std::os::fd::AsFd;
+
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock},
+    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, Iter},
 };
 use netaudit_ebpf::{DnsEvent, FlowKey, FlowStats, ListenKey, config, names};
 
-use super::pins::Pins;
+use super::{fold::Folder, pins::Pins};
 
 /// The kernel object built by build.rs from `netaudit-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
@@ -20,8 +22,9 @@ pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 /// Packet accounting per direction.
 pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
     [(names::EGRESS, CgroupSkbAttachType::Egress), (names::INGRESS, CgroupSkbAttachType::Ingress)];
-/// The bind hooks that learn UDP server ports.
-pub const BIND_PROGRAMS: [&str; 2] = [names::BIND4, names::BIND6];
+/// The socket hooks: binds (learning UDP server ports) and the release (folding a closing
+/// socket's counts).
+pub const SOCK_PROGRAMS: [&str; 3] = [names::BIND4, names::BIND6, names::RELEASE];
 
 /// The maps userspace reads and writes, taken from the object once.
 pub struct Maps {
@@ -33,6 +36,8 @@ pub struct Maps {
     pub losses: PerCpuArray<MapData, u64>,
     /// DNS answers.
     pub dns: RingBuf<MapData>,
+    /// The fold iterators: run them before reading `flows`.
+    pub fold: Folder,
 }
 
 /// What the size of [`DnsEvent`] says about a ring buffer item: whole, or cut short.
@@ -68,10 +73,22 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16)) -> Resul
         let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
     }
-    for name in BIND_PROGRAMS {
+    for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
     }
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux), needed by iterators")?;
+    for (name, iterates) in names::FOLDS {
+        let prog: &mut Iter = ebpf.program_mut(name).context(name)?.try_into()?;
+        prog.load(iterates, &btf).with_context(|| format!("loading program {name}"))?;
+    }
+    let fold = {
+        let programs = names::FOLDS.iter().map(|(name, _)| -> Result<_> {
+            let prog: &Iter = ebpf.program(name).context(*name)?.try_into()?;
+            Ok(prog.fd()?.as_fd())
+        });
+        Folder::new(programs.collect::<Result<Vec<_>>>()?)?
+    };
     let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} in the eBPF object"));
     let maps = Maps {
         audited: HashMap::try_from(take(names::AUDITED)?)?,
@@ -79,6 +96,7 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16)) -> Resul
         listen: HashMap::try_from(take(names::LISTEN)?)?,
         losses: PerCpuArray::try_from(take(names::LOSSES)?)?,
         dns: RingBuf::try_from(take(names::DNS)?)?,
+        fold,
     };
     Ok((ebpf, maps))
 }
@@ -115,7 +133,7 @@ mod tests {
             assert!(object.maps.contains_key(m), "map {m}: {:?}", object.maps.keys().collect::<Vec<_>>());
         }
         let programs: Vec<&str> = object.programs.keys().map(String::as_str).collect();
-        for p in SKB_PROGRAMS.map(|(n, _)| n).into_iter().chain(BIND_PROGRAMS) {
+        for p in SKB_PROGRAMS.map(|(n, _)| n).into_iter().chain(SOCK_PROGRAMS).chain(names::FOLDS.map(|(n, _)| n)) {
             assert!(programs.contains(&p), "program {p}: {programs:?}");
         }
         assert!(!programs.contains(&names::FLOOR));

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod decode;
 pub mod dns;
+pub mod fold;
 pub mod loader;
 pub mod pins;
 pub mod sockets;
@@ -27,7 +28,7 @@ use netaudit_ebpf::{ListenKey, capacity, loss};
 
 use self::{
     decode::Clock,
-    loader::{BIND_PROGRAMS, Maps, SKB_PROGRAMS},
+    loader::{Maps, SKB_PROGRAMS, SOCK_PROGRAMS},
     pins::{Pins, SavedState, unpin_links},
 };
 pub use self::{
@@ -192,7 +193,7 @@ impl Capture {
                 None => links.skb.push((name, link)),
             }
         }
-        for name in BIND_PROGRAMS {
+        for name in SOCK_PROGRAMS {
             let pin = self.link_pin(id, name);
             if pin.as_ref().is_some_and(|l| l.exists()) {
                 links.pinned.push(pin.expect("pinned"));
@@ -235,6 +236,9 @@ impl Capture {
         }
         unpin_links(&links.pinned)?;
         let _ = self.maps.audited.remove(&id);
+        // Its sockets count no more packets; what they counted since the last drain goes to
+        // FLOWS now, before a socket that closes later (no release hook any more) takes it away.
+        self.maps.fold.run(&fold::network_namespaces([dir]))?;
         Ok(())
     }
 
@@ -310,6 +314,8 @@ impl Capture {
     pub fn snapshot(&mut self) -> Result<FlowFile> {
         self.poll()?;
         let by_id: BTreeMap<u64, &str> = self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str())).collect();
+        let namespaces = fold::network_namespaces(self.attached.values().map(|a| a.dir.as_path()));
+        self.maps.fold.run(&namespaces)?;
         // An entry deleted while iterating is skipped; the map is never shrunk while recording.
         let entries = self.maps.flows.iter().filter_map(Result::ok);
         let flows = decode::flows(entries, &Clock::now(), &self.dns, &by_id);
@@ -361,7 +367,7 @@ impl Capture {
         SKB_PROGRAMS
             .iter()
             .map(|&(name, _)| name)
-            .chain(BIND_PROGRAMS)
+            .chain(SOCK_PROGRAMS)
             .map(|name| {
                 let info = self.ebpf.program(name).context(name)?.info()?;
                 Ok((name, info.run_time(), info.run_count()))

@@ -10,6 +10,9 @@
 //!   udp-ports IP BASE N   one datagram to each of N ports starting at BASE (no replies)
 //!   dns SERVER NAME       an A query; later steps may write `@resolved` for the answer
 //!   hold-tcp ADDR         connect, round trip, print `connected`, wait for a stdin line, 5 more round trips
+//!   hold-udp ADDR N       connected UDP socket: rounds of N echo datagrams, each ended by printing
+//!                         `sent`; after each, a stdin line `more` asks for another round, any other
+//!                         line closes the socket (then `closed`)
 //!   serve-once ADDR       listen, print `listening`, echo one connection until it closes
 //!   bulk ADDR BYTES       send BYTES over TCP to an echo server and check they all come back
 //!   wait                  print `waiting`, wait for a stdin line
@@ -99,6 +102,11 @@ fn run(args: &[String]) -> Result<()> {
                 say("done");
                 i += 2;
             }
+            "hold-udp" => {
+                let addr: SocketAddr = sub(arg(i + 1)?).parse()?;
+                hold_udp(addr, arg(i + 2)?.parse()?)?;
+                i += 3;
+            }
             "serve-once" => {
                 let l = TcpListener::bind(arg(i + 1)?)?;
                 say("listening");
@@ -132,10 +140,31 @@ fn run(args: &[String]) -> Result<()> {
 /// with `sendto`.
 fn udp_echo(addr: SocketAddr, n: u32, connected: bool) -> Result<()> {
     let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
-    sock.set_read_timeout(Some(TIMEOUT))?;
     if connected {
         sock.connect(addr)?;
     }
+    udp_rounds(&sock, addr, n, connected)
+}
+
+fn hold_udp(addr: SocketAddr, n: u32) -> Result<()> {
+    let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    sock.connect(addr)?;
+    loop {
+        udp_rounds(&sock, addr, n, true)?;
+        say("sent");
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != "more" {
+            break;
+        }
+    }
+    drop(sock);
+    say("closed");
+    Ok(())
+}
+
+fn udp_rounds(sock: &UdpSocket, addr: SocketAddr, n: u32, connected: bool) -> Result<()> {
+    sock.set_read_timeout(Some(TIMEOUT))?;
     let mut buf = [0u8; 2048];
     for k in 0..n {
         let msg = format!("ping {k}");
