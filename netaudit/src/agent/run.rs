@@ -45,12 +45,24 @@ const API_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
     config.validate()?;
+    limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(Agent::start(config)?.run())
+}
+
+/// One glibc arena per thread that ever contended lets each keep its own free memory: the
+/// watches' list pages are parsed on whichever worker runs them, so every arena ends up holding
+/// pages' worth of free space between long-lived objects. Two arenas (one per worker) suffice.
+fn limit_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 /// What the tasks share.
