@@ -72,9 +72,13 @@ pub mod names {
     pub const FOLD_UDP: &str = "netaudit_fold_udp";
     /// Each fold iterator with the kernel's name of what it iterates.
     pub const FOLDS: [(&str, &str); 2] = [(FOLD_TCP, "tcp"), (FOLD_UDP, "udp")];
-    /// The benchmarks' empty cgroup_skb program, in an object of its own (`netaudit-floor`)
-    /// that a capture never loads.
-    pub const FLOOR: &str = "netaudit_floor";
+    /// The benchmarks' empty cgroup_skb programs (egress, ingress), in an object of its own
+    /// (`netaudit-floor`) that a capture never loads.
+    pub const FLOOR: [&str; 2] = ["netaudit_floor_egress", "netaudit_floor_ingress"];
+    /// In the same object, the rungs between the floor and the fast path, each one step more
+    /// (each attached at both hooks): full socket, + socket storage, + clock, + atomic adds.
+    pub const RUNGS: [&str; 4] =
+        ["netaudit_rung_fullsock", "netaudit_rung_storage", "netaudit_rung_clock", "netaudit_rung_adds"];
 }
 
 /// The maps' default capacities.
@@ -157,7 +161,21 @@ pub struct SockState {
     pub key: FlowKey,
     pub pending: Pending,
     /// Non-zero once the socket was released: from then on its packets go to FLOWS directly.
-    pub released: u64,
+    pub released: u32,
+    /// A [`Memo`].
+    pub memo: u32,
+}
+
+/// What a socket's [`SockState::key`] stands for.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memo {
+    /// The one flow of a connection (TCP, connected UDP): packets count in `pending`.
+    Connection = 0,
+    /// An unconnected UDP socket, whose packets go to many peers: only the audited cgroup and
+    /// the socket's role (`initiator`: a server port or not) are kept; each packet is parsed
+    /// for its peer and counted in FLOWS.
+    Unconnected = 1,
 }
 
 /// A socket's counts not yet in FLOWS. Packets add atomically; a fold takes each counter with an

@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use netaudit_ebpf::{
     DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, Family, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, SockState, capacity, config, loss,
+    IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, Memo, SockState, capacity, config, loss,
 };
 
 const PASS: i32 = 1;
@@ -247,7 +247,7 @@ fn account(ctx: &SkBuffContext, egress: bool) {
             // flag the helper only looks up, returning null or this socket's SockState.
             let memo = unsafe { bpf_sk_storage_get(socks(), full.cast(), ptr::null_mut(), 0) }.cast::<SockState>();
             // SAFETY: non-null storage of this socket, alive while the program runs.
-            if !memo.is_null() && unsafe { (*memo).key.cgroup_id } != 0 {
+            if !memo.is_null() && unsafe { (*memo).key.cgroup_id != 0 && (*memo).memo == Memo::Connection as u32 } {
                 // The fast path: no parsing, no classification, no flow map.
                 count_memoized(memo, &pkt);
                 // SAFETY: non-null storage of this socket, alive while the program runs.
@@ -259,6 +259,9 @@ fn account(ctx: &SkBuffContext, egress: bool) {
             }
         }
     }
+    if protocol == IPPROTO_UDP as u32 && !full.is_null() && unconnected_udp(ctx, &pkt, full).is_ok() {
+        return;
+    }
     if slow_path(ctx, &pkt, full, protocol, state).is_err() {
         bump_loss(loss::UNPARSED_PACKETS, pkt.segs);
     }
@@ -269,6 +272,42 @@ fn account(ctx: &SkBuffContext, egress: bool) {
 fn memo_allowed(protocol: u32, state: u32) -> bool {
     (protocol == IPPROTO_TCP as u32 && state != TCP_LISTEN && state != TCP_SYN_RECV)
         || (protocol == IPPROTO_UDP as u32 && state == TCP_ESTABLISHED)
+}
+
+/// A packet of an unconnected UDP socket whose cgroup and role are memoized: parsed for its
+/// peer and counted in FLOWS, without the cgroup walk and the serving-port lookup. `Err` when
+/// the socket has no such memo yet (the slow path makes one).
+#[inline(never)]
+fn unconnected_udp(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock) -> Result<(), ()> {
+    // SAFETY: as on the fast path: a lookup in this socket's storage.
+    let memo = unsafe { bpf_sk_storage_get(socks(), full.cast(), ptr::null_mut(), 0) }.cast::<SockState>();
+    // SAFETY: non-null storage of this socket; an unconnected memo's fields never change.
+    if memo.is_null() || unsafe { (*memo).key.cgroup_id == 0 || (*memo).memo != Memo::Unconnected as u32 } {
+        return Err(());
+    }
+    let (h, _) = parse(ctx)?;
+    if h.protocol != IPPROTO_UDP {
+        return Err(());
+    }
+    // SAFETY: as above.
+    let (cgroup_id, initiator) = unsafe { ((*memo).key.cgroup_id, (*memo).key.initiator) };
+    let (local, remote, lport, rport) =
+        if pkt.egress { (h.saddr, h.daddr, h.sport, h.dport) } else { (h.daddr, h.saddr, h.dport, h.sport) };
+    let key = FlowKey {
+        cgroup_id,
+        local_addr: local,
+        remote_addr: remote,
+        service_port: if initiator == Initiator::Remote as u8 { lport } else { rport },
+        family: h.family,
+        protocol: IPPROTO_UDP,
+        initiator,
+        _pad: [0; 3],
+    };
+    record(&key, pkt, false);
+    if !pkt.egress && h.sport == DNS_PORT {
+        let _ = capture_dns(ctx, cgroup_id);
+    }
+    Ok(())
 }
 
 /// The headers the classification needs.
@@ -412,7 +451,14 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
         _pad: [0; 3],
     };
 
-    memoize_and_record(&key, pkt, full, memo_allowed(protocol, state));
+    let memo = if memo_allowed(protocol, state) {
+        Some(Memo::Connection)
+    } else if protocol == IPPROTO_UDP as u32 {
+        Some(Memo::Unconnected)
+    } else {
+        None
+    };
+    memoize_and_record(&key, pkt, full, memo);
 
     if !egress && h.sport == DNS_PORT && (h.protocol == IPPROTO_UDP || h.protocol == IPPROTO_TCP) {
         let _ = capture_dns(ctx, cgroup_id);
@@ -420,19 +466,24 @@ fn slow_path(ctx: &SkBuffContext, pkt: &Packet, full: *mut bpf_sock, protocol: u
     Ok(())
 }
 
-/// Records the packet in FLOWS and, for a socket whose packets all belong to this flow, memoizes
-/// the key so the next packets take the fast path. A socket whose flow could not be recorded
-/// (flow map full) is not memoized: its packets keep counting as lost.
+/// Records the packet in FLOWS and memoizes what the socket's next packets can skip: for a
+/// connection the whole key (they take the fast path), for an unconnected UDP socket its cgroup
+/// and role. A connection whose flow could not be recorded (flow map full) is not memoized: its
+/// packets keep counting as lost.
 #[inline(always)]
-fn memoize_and_record(key: &FlowKey, pkt: &Packet, full: *mut bpf_sock, memoizable: bool) {
-    if full.is_null() || !memoizable {
+fn memoize_and_record(key: &FlowKey, pkt: &Packet, full: *mut bpf_sock, memo: Option<Memo>) {
+    let Some(memo) = memo.filter(|_| !full.is_null()) else {
         record(key, pkt, false);
         return;
-    }
+    };
     let sock = full.cast();
     // SAFETY: as on the fast path: a lookup in this socket's storage.
     let existing = unsafe { bpf_sk_storage_get(socks(), sock, ptr::null_mut(), 0) }.cast::<SockState>();
-    if !record(key, pkt, existing.is_null()) {
+    // A connection is new the first time its socket is seen as one (also after unconnected use).
+    // SAFETY: non-null storage of this socket.
+    let new_connection =
+        memo == Memo::Connection && (existing.is_null() || unsafe { (*existing).memo } != Memo::Connection as u32);
+    if !record(key, pkt, new_connection) {
         return;
     }
     if existing.is_null() {
@@ -442,15 +493,22 @@ fn memoize_and_record(key: &FlowKey, pkt: &Packet, full: *mut bpf_sock, memoizab
         let created = unsafe { bpf_sk_storage_get(socks(), sock, ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE as u64) }
             .cast::<SockState>();
         if !created.is_null() {
-            // SAFETY: non-null storage of this socket, alive while the program runs.
-            unsafe { (*created).key = *key };
+            // SAFETY: non-null storage of this socket, alive while the program runs. The kind
+            // comes first: the key's non-zero cgroup id is what makes the memo usable.
+            unsafe {
+                (*created).memo = memo as u32;
+                (*created).key = *key;
+            }
         }
     } else {
         // A socket that connects again (after a failed attempt): what it counted belongs to the
         // old key, the new packets to the new one.
         fold(existing);
         // SAFETY: non-null storage of this socket; only this socket's programs write the key.
-        unsafe { (*existing).key = *key };
+        unsafe {
+            (*existing).memo = memo as u32;
+            (*existing).key = *key;
+        }
     }
 }
 

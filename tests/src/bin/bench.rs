@@ -4,9 +4,16 @@
 //!    new flows, next to an empty program (the floor). Under test-run the skb carries a dummy
 //!    socket, so this times the parse-and-classify path; the per-socket fast path needs real
 //!    sockets and is timed in B.
-//! B. Real loopback traffic from this process in a cgroup, programs attached vs. detached,
-//!    alternating rounds: 64-byte UDP datagrams (connected sockets: the established fast path)
-//!    and TCP bulk throughput; plus the kernel's own run-time stats per program run.
+//! B. Real loopback traffic from this process in a cgroup, in alternating rounds with nothing
+//!    attached, with the floor (empty programs at the same two hooks, egress and ingress: what
+//!    any cgroup_skb design pays) and with netaudit's programs: 64-byte UDP datagrams from a
+//!    connected sender to an unconnected receiver, 64-byte writes on one established TCP
+//!    connection (no Nagle: one segment each), and TCP bulk throughput; plus the kernel's own
+//!    run-time stats per program run, floor against netaudit.
+//!
+//! C. The fast path's price, step by step: on the TCP 64-byte workload, the kernel's ns per run
+//!    of the floor, of each rung above it (full socket, + socket storage, + clock, + two atomic
+//!    adds: `netaudit-floor`'s rung programs) and of netaudit's programs, in alternating rounds.
 //!
 //! Root only. Prints a table; BENCHMARKS.md records a run and how to read it.
 
@@ -20,7 +27,7 @@ use anyhow::{Context, Result};
 use aya::{
     EbpfLoader,
     maps::HashMap,
-    programs::{CgroupSkb, ProgramError, TestRun, TestRunOptions},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TestRun, TestRunOptions},
 };
 use netaudit::capture::{Capture, CaptureConfig, EBPF_OBJECT, FLOOR_OBJECT, cgroup};
 use netaudit_ebpf::names;
@@ -29,6 +36,7 @@ use netaudit_tests::{Cgroup, require_kernel, test_cgroup};
 const ROUNDS: usize = 5;
 const UDP_PACKETS: u32 = 200_000;
 const TCP_SECONDS: f64 = 1.0;
+const TCP_WRITES: u32 = 200_000;
 
 fn main() -> Result<()> {
     if !require_kernel() {
@@ -44,6 +52,8 @@ fn main() -> Result<()> {
     test_run(&cg)?;
     println!();
     real_traffic(&cg)?;
+    println!();
+    steps(&cg)?;
     Ok(())
 }
 
@@ -90,12 +100,12 @@ fn test_run(cg: &Cgroup) -> Result<()> {
     let mut floor = EbpfLoader::new().load(FLOOR_OBJECT)?;
     let id = cgroup::cgroup_id(&cg.path)?;
     HashMap::<_, u64, u8>::try_from(ebpf.map_mut(names::AUDITED).unwrap())?.insert(id, 1, 0)?;
-    for (object, name) in [(&mut floor, names::FLOOR), (&mut ebpf, names::EGRESS)] {
+    for (object, name) in [(&mut floor, names::FLOOR[0]), (&mut ebpf, names::EGRESS)] {
         let p: &mut CgroupSkb = object.program_mut(name).unwrap().try_into()?;
         p.load()?;
     }
     let run = |name: &str, data: &[u8], repeat: u32| -> Result<Duration, ProgramError> {
-        let object = if name == names::FLOOR { &floor } else { &ebpf };
+        let object = if name == names::FLOOR[0] { &floor } else { &ebpf };
         let p: &CgroupSkb = object.program(name).unwrap().try_into().unwrap();
         let r = p.test_run(TestRunOptions { data_in: Some(data), repeat, ..Default::default() })?;
         assert_eq!(r.return_value, 1, "{name} must pass the packet");
@@ -105,7 +115,7 @@ fn test_run(cg: &Cgroup) -> Result<()> {
     let mut pass = Vec::new();
     let mut hit = Vec::new();
     for _ in 0..ROUNDS {
-        pass.push(run(names::FLOOR, &existing, 1_000_000)?.as_nanos() as f64);
+        pass.push(run(names::FLOOR[0], &existing, 1_000_000)?.as_nanos() as f64);
         hit.push(run(names::EGRESS, &existing, 1_000_000)?.as_nanos() as f64);
     }
     // New flows: one run per distinct destination port, averaged.
@@ -135,52 +145,210 @@ fn test_run(cg: &Cgroup) -> Result<()> {
     Ok(())
 }
 
+/// What is attached to the bench cgroup during a round.
+#[derive(Clone, Copy, PartialEq)]
+enum Attached {
+    Nothing,
+    Floor,
+    Netaudit,
+}
+
+/// One round's figures per workload (UDP ns/packet, TCP ns/write, TCP bulk MB/s), each with the
+/// kernel's ns per program run during it (when programs were attached).
+type Figures = [(f64, Option<f64>); 3];
+
 fn real_traffic(cg: &Cgroup) -> Result<()> {
     // Stats add their own cost to every run, so they are on only for this part.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
-    let mut udp_off = Vec::new();
-    let mut udp_on = Vec::new();
-    let mut tcp_off = Vec::new();
-    let mut tcp_on = Vec::new();
-    let mut kernel_ns = Vec::new();
+    let states = [Attached::Nothing, Attached::Floor, Attached::Netaudit];
+    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); states.len()];
     for _ in 0..ROUNDS {
-        udp_off.push(udp_ns_per_packet()?);
-        tcp_off.push(tcp_mbytes_per_sec()?);
-        let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()]))?;
-        let before = capture.program_stats()?;
-        udp_on.push(udp_ns_per_packet()?);
-        let after = capture.program_stats()?;
-        tcp_on.push(tcp_mbytes_per_sec()?);
-        let (name, t0, n0) = before[0];
-        let (_, t1, n1) = after[0];
-        assert_eq!(name, "netaudit_egress");
-        kernel_ns.push((t1 - t0).as_nanos() as f64 / (n1 - n0).max(1) as f64);
-        drop(capture);
+        for (i, &state) in states.iter().enumerate() {
+            rounds[i].push(round(cg, state)?);
+        }
     }
-    let (uoff, uon, toff, ton, kns) =
-        (median(udp_off), median(udp_on), median(tcp_off), median(tcp_on), median(kernel_ns));
-    println!("B. Real loopback traffic, alternating detached/attached rounds (median of {ROUNDS})");
-    println!("   64-byte UDP, connected sockets, {UDP_PACKETS} datagrams per round (sender + receiver audited)");
-    println!("     detached: {uoff:>8.0} ns/packet  {:>10.0} packets/s", 1e9 / uoff);
     println!(
-        "     attached: {uon:>8.0} ns/packet  {:>10.0} packets/s   (+{:.0} ns, {:+.1} %)",
-        1e9 / uon,
-        uon - uoff,
-        (uon / uoff - 1.0) * 100.0
+        "B. Real loopback traffic, alternating rounds: nothing / floor (empty programs, same hooks) / netaudit (median of {ROUNDS})"
     );
-    println!("     kernel bpf_stats, egress program on these packets: {kns:.0} ns per run (established fast path)");
-    println!("   TCP bulk over loopback, {TCP_SECONDS} s per round, 64 KiB writes");
-    println!("     detached: {toff:>8.0} MB/s");
-    println!("     attached: {ton:>8.0} MB/s   ({:+.1} %)", (ton / toff - 1.0) * 100.0);
+    let labels = [
+        (format!("64-byte UDP, connected sender -> unconnected receiver, {UDP_PACKETS} datagrams"), "ns/packet", true),
+        (format!("TCP, 64-byte writes on one connection, {TCP_WRITES} writes"), "ns/write", true),
+        (format!("TCP bulk, {TCP_SECONDS} s, 64 KiB writes (cost: throughput lost)"), "MB/s", false),
+    ];
+    for (w, (label, unit, lower_is_better)) in labels.iter().enumerate() {
+        let med = |i: usize| median(rounds[i].iter().map(|r| r[w].0).collect());
+        let kernel = |i: usize| median(rounds[i].iter().filter_map(|r| r[w].1).collect());
+        let (n, e, a) = (med(0), med(1), med(2));
+        let pct = |x: f64| if *lower_is_better { (x / n - 1.0) * 100.0 } else { (1.0 - x / n) * 100.0 };
+        println!("   {label}");
+        println!(
+            "     nothing {n:>7.0} {unit:<9} floor {e:>7.0} ({:+.1} %)   netaudit {a:>7.0} ({:+.1} %)   over the floor {:.1} points",
+            pct(e),
+            pct(a),
+            pct(a) - pct(e)
+        );
+        let (kf, kn) = (kernel(1), kernel(2));
+        println!("     kernel bpf_stats per program run: floor {kf:.0} ns, netaudit {kn:.0} ns, over the floor {:.0} ns", kn - kf);
+    }
     Ok(())
 }
 
-/// Sends UDP_PACKETS 64-byte datagrams between two connected loopback sockets; returns ns/packet.
+/// One round of every workload with `state` attached; with each, the kernel's ns per run of
+/// what was attached (egress and ingress programs together).
+fn round(cg: &Cgroup, state: Attached) -> Result<Figures> {
+    let mut floor = None;
+    let mut capture = None;
+    match state {
+        Attached::Nothing => {}
+        Attached::Floor => floor = Some(attach_floor(cg)?),
+        Attached::Netaudit => capture = Some(Capture::start(&CaptureConfig::new(vec![cg.path.clone()]))?),
+    }
+    let stats = || -> Result<(Duration, u64)> {
+        let mut total = (Duration::ZERO, 0);
+        let mut add = |info: aya::programs::ProgramInfo| {
+            total.0 += info.run_time();
+            total.1 += info.run_count();
+        };
+        if let Some(f) = &floor {
+            for name in names::FLOOR {
+                add(f.program(name).context(name)?.info()?);
+            }
+        }
+        if let Some(c) = &capture {
+            for (name, t, n) in c.program_stats()? {
+                if name == names::EGRESS || name == names::INGRESS {
+                    total.0 += t;
+                    total.1 += n;
+                }
+            }
+        }
+        Ok(total)
+    };
+    let workloads: [fn() -> Result<f64>; 3] = [udp_ns_per_packet, tcp_ns_per_write, tcp_mbytes_per_sec];
+    let mut figures = [(0.0, None); 3];
+    for (w, workload) in workloads.iter().enumerate() {
+        let before = stats()?;
+        let figure = workload()?;
+        let after = stats()?;
+        let runs = after.1 - before.1;
+        figures[w] = (figure, (runs > 0).then(|| (after.0 - before.0).as_nanos() as f64 / runs as f64));
+    }
+    Ok(figures)
+}
+
+fn steps(cg: &Cgroup) -> Result<()> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
+    let mut object = EbpfLoader::new().load(FLOOR_OBJECT)?;
+    for name in names::RUNGS {
+        let p: &mut CgroupSkb = object.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let file = std::fs::File::open(&cg.path)?;
+    let mut per_rung: Vec<Vec<f64>> = vec![Vec::new(); names::RUNGS.len() + 2];
+    for _ in 0..ROUNDS {
+        let floor = attach_floor(cg)?;
+        per_rung[0].push(kernel_ns_during(|| floor_stats(&floor), tcp_ns_per_write)?);
+        drop(floor);
+        for (i, name) in names::RUNGS.into_iter().enumerate() {
+            let p: &mut CgroupSkb = object.program_mut(name).context(name)?.try_into()?;
+            let links = [CgroupSkbAttachType::Egress, CgroupSkbAttachType::Ingress]
+                .map(|hook| p.attach(&file, hook, CgroupAttachMode::Single));
+            let p: &CgroupSkb = object.program(name).context(name)?.try_into()?;
+            let ns = kernel_ns_during(|| Ok(p.info().map(|i| (i.run_time(), i.run_count()))?), tcp_ns_per_write)?;
+            per_rung[i + 1].push(ns);
+            let p: &mut CgroupSkb = object.program_mut(name).context(name)?.try_into()?;
+            for link in links {
+                p.detach(link?)?;
+            }
+        }
+        let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()]))?;
+        let ns = kernel_ns_during(
+            || {
+                let skb = capture.program_stats()?.into_iter().filter(|(n, _, _)| *n == names::EGRESS || *n == names::INGRESS);
+                Ok(skb.fold((Duration::ZERO, 0), |(t, n), (_, dt, dn)| (t + dt, n + dn)))
+            },
+            tcp_ns_per_write,
+        )?;
+        per_rung[names::RUNGS.len() + 1].push(ns);
+    }
+    println!("C. The fast path step by step: kernel ns per program run on 64-byte TCP writes (median of {ROUNDS})");
+    let labels = ["floor (empty)", "+ full socket", "+ socket storage", "+ clock", "+ two atomic adds", "netaudit"];
+    let floor = median(per_rung[0].clone());
+    for (label, runs) in labels.iter().zip(&per_rung) {
+        let ns = median(runs.clone());
+        println!("   {label:<20} {ns:>6.0} ns   (+{:.0} over the floor)", ns - floor);
+    }
+    Ok(())
+}
+
+fn floor_stats(floor: &aya::Ebpf) -> Result<(Duration, u64)> {
+    let mut total = (Duration::ZERO, 0);
+    for name in names::FLOOR {
+        let info = floor.program(name).context(name)?.info()?;
+        total = (total.0 + info.run_time(), total.1 + info.run_count());
+    }
+    Ok(total)
+}
+
+/// Runs `workload` and returns the kernel's ns per program run meanwhile, from `stats` (total
+/// run time and runs) read before and after.
+fn kernel_ns_during(stats: impl Fn() -> Result<(Duration, u64)>, workload: fn() -> Result<f64>) -> Result<f64> {
+    let before = stats()?;
+    workload()?;
+    let after = stats()?;
+    Ok((after.0 - before.0).as_nanos() as f64 / (after.1 - before.1).max(1) as f64)
+}
+
+/// The floor's two programs attached to the bench cgroup (detached when dropped).
+fn attach_floor(cg: &Cgroup) -> Result<aya::Ebpf> {
+    let mut floor = EbpfLoader::new().load(FLOOR_OBJECT)?;
+    let file = std::fs::File::open(&cg.path)?;
+    for (name, hook) in names::FLOOR.into_iter().zip([CgroupSkbAttachType::Egress, CgroupSkbAttachType::Ingress]) {
+        let p: &mut CgroupSkb = floor.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+        p.attach(&file, hook, CgroupAttachMode::Single)?;
+    }
+    Ok(floor)
+}
+
+/// 64-byte writes on one established TCP connection (Nagle off: a segment each), echoed back in
+/// bulk by the reader; returns ns per write.
+fn tcp_ns_per_write() -> Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let reader = std::thread::spawn(move || -> u64 {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let payload = [0x5au8; 64];
+    let start = Instant::now();
+    for _ in 0..TCP_WRITES {
+        s.write_all(&payload)?;
+    }
+    let elapsed = start.elapsed();
+    drop(s);
+    let received = reader.join().unwrap();
+    anyhow::ensure!(received == 64 * TCP_WRITES as u64, "TCP lost bytes: received {received}");
+    Ok(elapsed.as_nanos() as f64 / TCP_WRITES as f64)
+}
+
+/// Sends UDP_PACKETS 64-byte datagrams from a connected socket to an unconnected one over
+/// loopback; returns ns/packet.
 fn udp_ns_per_packet() -> Result<f64> {
+    // The receiver stays unconnected, as a UDP server's socket is.
     let rx = UdpSocket::bind("127.0.0.1:0")?;
     let tx = UdpSocket::bind("127.0.0.1:0")?;
     tx.connect(rx.local_addr()?)?;
-    rx.connect(tx.local_addr()?)?;
     rx.set_read_timeout(Some(Duration::from_millis(200)))?;
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 128];
