@@ -188,7 +188,8 @@ pub struct Pending {
     pub bytes_out: u64,
     pub packets_in: u64,
     pub bytes_in: u64,
-    /// CLOCK_MONOTONIC (coarse) nanoseconds of the latest packet counted here; 0 when none.
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the first packet counted here since the last
+    /// fold (a clock read per packet would be the fast path's costliest step); 0 when none.
     pub last_ns: u64,
 }
 

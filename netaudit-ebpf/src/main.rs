@@ -215,8 +215,15 @@ fn bump_loss(slot: u32, n: u64) {
 struct Packet {
     len: u64,
     segs: u64,
-    now: u64,
     egress: bool,
+}
+
+/// CLOCK_MONOTONIC, coarse. Read only where a flow map entry is written or a socket's first
+/// packet since its last fold is counted: it is the costliest step of the fast path.
+#[inline(always)]
+fn clock() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -228,8 +235,6 @@ fn account(ctx: &SkBuffContext, egress: bool) {
         len: len as u64,
         // A GSO super-packet stands for several wire packets.
         segs: if gso_segs > 1 { gso_segs as u64 } else { 1 },
-        // SAFETY: a helper without arguments.
-        now: unsafe { bpf_ktime_get_coarse_ns() },
         egress,
     };
     // SAFETY: `sk` is the skb's socket, checked non-null; the helper returns null or a full socket.
@@ -531,8 +536,10 @@ fn count_memoized(memo: *mut SockState, pkt: &Packet) {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).packets_in, pkt.segs);
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).bytes_in, pkt.len);
         }
-        if (*p).last_ns < pkt.now {
-            (*p).last_ns = pkt.now;
+        // The time of the first packet since the last fold: "seen until at least then"; the
+        // drains' interval bounds how much later the last packet may have been.
+        if (*p).last_ns == 0 {
+            (*p).last_ns = clock();
         }
         if ptr::read_volatile(&raw const (*memo).released) != 0 {
             fold(memo);
@@ -594,13 +601,14 @@ fn audited_cgroup(ctx: &SkBuffContext) -> Option<u64> {
 #[inline(always)]
 fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) -> bool {
     let (po, bo, pi, bi) = if pkt.egress { (pkt.segs, pkt.len, 0, 0) } else { (0, 0, pkt.segs, pkt.len) };
+    let now = clock();
     let delta = FlowStats {
         packets_out: po,
         bytes_out: bo,
         packets_in: pi,
         bytes_in: bi,
-        first_ns: pkt.now,
-        last_ns: pkt.now,
+        first_ns: now,
+        last_ns: now,
         connections: new_connection as u64,
     };
     merge(key, &delta)
