@@ -72,6 +72,10 @@ pub mod names {
     pub const FOLD_UDP: &str = "netaudit_fold_udp";
     /// Each fold iterator with the kernel's name of what it iterates.
     pub const FOLDS: [(&str, &str); 2] = [(FOLD_TCP, "tcp"), (FOLD_UDP, "udp")];
+    /// The read-only global (a `u8`, set at load) that turns per-socket counting on: only a
+    /// capture that can enter the audited pods' network namespaces to fold (CAP_SYS_ADMIN) sets
+    /// it; otherwise a connection's packets update FLOWS directly, exact without folds.
+    pub const PER_SOCKET_COUNTS: &str = "PER_SOCKET_COUNTS";
     /// The benchmarks' empty cgroup_skb programs (egress, ingress), in an object of its own
     /// (`netaudit-floor`) that a capture never loads.
     pub const FLOOR: [&str; 2] = ["netaudit_floor_egress", "netaudit_floor_ingress"];

@@ -63,6 +63,11 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 
+/// Set by the loader ([`netaudit_ebpf::names::PER_SOCKET_COUNTS`]); read-only, so the verifier
+/// prunes the path not taken.
+#[unsafe(no_mangle)]
+static PER_SOCKET_COUNTS: u8 = 0;
+
 #[map]
 static DNS: RingBuf = RingBuf::with_byte_size(capacity::DNS_RING_BYTES, 0);
 
@@ -524,7 +529,7 @@ fn count_memoized(memo: *mut SockState, pkt: &Packet) {
     // SAFETY: `memo` is this socket's storage (non-null, alive while the program runs); the
     // counters are only ever added to atomically here and exchanged atomically by folds.
     unsafe {
-        if ptr::read_volatile(&raw const (*memo).released) != 0 {
+        if ptr::read_volatile(&PER_SOCKET_COUNTS) == 0 || ptr::read_volatile(&raw const (*memo).released) != 0 {
             record(&(*memo).key, pkt, false);
             return;
         }

@@ -71,6 +71,12 @@ impl Folder {
     }
 }
 
+/// Whether this process may enter other network namespaces (CAP_SYS_ADMIN), as the fold must:
+/// tried on its own namespace, on a thread of its own.
+pub fn can_enter_namespaces() -> bool {
+    std::thread::spawn(|| File::open("/proc/self/ns/net").is_ok_and(|ns| enter(&ns).is_ok())).join().unwrap_or(false)
+}
+
 /// The distinct network namespaces of the processes in `cgroups` and of this process, as paths
 /// to enter them by.
 pub fn network_namespaces<'a>(cgroups: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf> {

@@ -51,14 +51,18 @@ pub fn dns_event(item: &[u8]) -> Option<DnsEvent> {
 
 /// Loads the object (its maps pinned under `pins` when given: reopened if an earlier capture
 /// pinned them), configures it, loads every program, and takes the maps.
-pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16)) -> Result<(Ebpf, Maps)> {
+/// With `per_socket`, established connections count in their sockets (see
+/// [`names::PER_SOCKET_COUNTS`]): the caller must then fold before every read of `flows`.
+pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16), per_socket: bool) -> Result<(Ebpf, Maps)> {
     raise_memlock_limit();
     let map_pins: Vec<(&str, std::path::PathBuf)> = match pins {
         Some(p) => names::MAPS.iter().map(|m| (*m, p.map(m))).collect(),
         None => Vec::new(),
     };
+    let per_socket = per_socket as u8;
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(names::FLOWS, max_flows.max(1));
+    loader.override_global(names::PER_SOCKET_COUNTS, &per_socket, true);
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }

@@ -82,6 +82,8 @@ pub struct Capture {
     persisted: Option<Persisted>,
     ephemeral: (u16, u16),
     mount: PathBuf,
+    /// Whether connections count in their sockets (then every read of FLOWS folds first).
+    per_socket: bool,
 }
 
 /// One audited cgroup's links: owned by the programs, or pinned (persistent captures).
@@ -131,9 +133,26 @@ impl Capture {
             }
         };
         let ephemeral = sockets::ephemeral_range();
-        let (ebpf, maps) = loader::load(config.max_flows, persisted.as_ref().map(|p| &p.pins), ephemeral)?;
-        let mut capture =
-            Capture { ebpf, maps, sources, attached: BTreeMap::new(), dns, started, persisted, ephemeral, mount };
+        let per_socket = fold::can_enter_namespaces();
+        if !per_socket {
+            tracing::info!(
+                "counting every packet in the flow map: counting per socket needs the fold to enter the pods' \
+                 network namespaces (CAP_SYS_ADMIN)"
+            );
+        }
+        let (ebpf, maps) = loader::load(config.max_flows, persisted.as_ref().map(|p| &p.pins), ephemeral, per_socket)?;
+        let mut capture = Capture {
+            ebpf,
+            maps,
+            sources,
+            attached: BTreeMap::new(),
+            dns,
+            started,
+            persisted,
+            ephemeral,
+            mount,
+            per_socket,
+        };
         for dir in &dirs {
             capture.add_cgroup(dir)?;
         }
@@ -238,7 +257,9 @@ impl Capture {
         let _ = self.maps.audited.remove(&id);
         // Its sockets count no more packets; what they counted since the last drain goes to
         // FLOWS now, before a socket that closes later (no release hook any more) takes it away.
-        self.maps.fold.run(&fold::network_namespaces([dir]))?;
+        if self.per_socket {
+            self.maps.fold.run(&fold::network_namespaces([dir]))?;
+        }
         Ok(())
     }
 
@@ -314,8 +335,10 @@ impl Capture {
     pub fn snapshot(&mut self) -> Result<FlowFile> {
         self.poll()?;
         let by_id: BTreeMap<u64, &str> = self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str())).collect();
-        let namespaces = fold::network_namespaces(self.attached.values().map(|a| a.dir.as_path()));
-        self.maps.fold.run(&namespaces)?;
+        if self.per_socket {
+            let namespaces = fold::network_namespaces(self.attached.values().map(|a| a.dir.as_path()));
+            self.maps.fold.run(&namespaces)?;
+        }
         // An entry deleted while iterating is skipped; the map is never shrunk while recording.
         let entries = self.maps.flows.iter().filter_map(Result::ok);
         let flows = decode::flows(entries, &Clock::now(), &self.dns, &by_id);

@@ -188,7 +188,10 @@ fn real_traffic(cg: &Cgroup) -> Result<()> {
             pct(a) - pct(e)
         );
         let (kf, kn) = (kernel(1), kernel(2));
-        println!("     kernel bpf_stats per program run: floor {kf:.0} ns, netaudit {kn:.0} ns, over the floor {:.0} ns", kn - kf);
+        println!(
+            "     kernel bpf_stats per program run: floor {kf:.0} ns, netaudit {kn:.0} ns, over the floor {:.0} ns",
+            kn - kf
+        );
     }
     Ok(())
 }
@@ -264,7 +267,10 @@ fn steps(cg: &Cgroup) -> Result<()> {
         let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()]))?;
         let ns = kernel_ns_during(
             || {
-                let skb = capture.program_stats()?.into_iter().filter(|(n, _, _)| *n == names::EGRESS || *n == names::INGRESS);
+                let skb = capture
+                    .program_stats()?
+                    .into_iter()
+                    .filter(|(n, _, _)| *n == names::EGRESS || *n == names::INGRESS);
                 Ok(skb.fold((Duration::ZERO, 0), |(t, n), (_, dt, dn)| (t + dt, n + dn)))
             },
             tcp_ns_per_write,
@@ -311,9 +317,9 @@ fn attach_floor(cg: &Cgroup) -> Result<aya::Ebpf> {
     Ok(floor)
 }
 
-/// 64-byte writes on one established TCP connection (Nagle off: a segment each), echoed back in
-/// bulk by the reader; returns ns per write.
-fn tcp_ns_per_write() -> Result<f64> {
+/// A loopback TCP listener whose one connection is read to its end on a thread; the thread
+/// returns the bytes it read.
+fn tcp_sink() -> Result<(std::net::SocketAddr, std::thread::JoinHandle<u64>)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let reader = std::thread::spawn(move || -> u64 {
@@ -328,6 +334,13 @@ fn tcp_ns_per_write() -> Result<f64> {
         }
         total
     });
+    Ok((addr, reader))
+}
+
+/// 64-byte writes on one established TCP connection (Nagle off: a segment each), read by a sink;
+/// returns ns per write.
+fn tcp_ns_per_write() -> Result<f64> {
+    let (addr, reader) = tcp_sink()?;
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let payload = [0x5au8; 64];
@@ -371,20 +384,7 @@ fn udp_ns_per_packet() -> Result<f64> {
 
 /// TCP throughput over loopback for TCP_SECONDS; returns MB/s.
 fn tcp_mbytes_per_sec() -> Result<f64> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let reader = std::thread::spawn(move || -> u64 {
-        let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut total = 0u64;
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        total
-    });
+    let (addr, reader) = tcp_sink()?;
     let mut s = TcpStream::connect(addr)?;
     let chunk = vec![0x5au8; 1 << 16];
     let start = Instant::now();
