@@ -2,10 +2,11 @@
 //! into connection-level flows; cgroup_sock post_bind learns UDP server ports.
 //!
 //! A connection's first packet is parsed and classified once; its flow key is then memoized in
-//! the socket's storage, and its later packets only add to counters there. Those counts are
-//! folded into FLOWS when the socket is released (`netaudit_release`) and whenever userspace
-//! drains (the `netaudit_fold_tcp`/`_udp` socket iterators, run in each audited network
-//! namespace), so FLOWS is exact at every drain without a flow-map update per packet.
+//! the socket's storage. With per-socket counting on (`PER_SOCKET_COUNTS`, set at load) its
+//! later packets only add to counters there, folded into FLOWS when the socket is released
+//! (`netaudit_release`) and whenever userspace drains (the `netaudit_fold_tcp`/`_udp` socket
+//! iterators, run in each audited network namespace), so FLOWS is exact at every drain without
+//! a flow-map update per packet; with it off they update FLOWS directly under the memoized key.
 //!
 //! Every program returns 1 ("pass") on every path: the auditor observes, it never filters.
 //! The statics and program functions carry the names in `netaudit_ebpf::names`.
@@ -72,7 +73,8 @@ static PER_SOCKET_COUNTS: u8 = 0;
 static DNS: RingBuf = RingBuf::with_byte_size(capacity::DNS_RING_BYTES, 0);
 
 /// Per-socket memo of the flow key and the counts not yet folded, so an established
-/// connection's packets cost one storage lookup and two atomic adds.
+/// connection's packets cost one storage lookup and two atomic adds (or, with per-socket counting
+/// off, a flow-map update).
 #[btf_map]
 static SOCKS: SkStorage<SockState> = SkStorage::new();
 

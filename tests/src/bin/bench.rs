@@ -207,25 +207,11 @@ fn round(cg: &Cgroup, state: Attached) -> Result<Figures> {
         Attached::Netaudit => capture = Some(Capture::start(&CaptureConfig::new(vec![cg.path.clone()]))?),
     }
     let stats = || -> Result<(Duration, u64)> {
-        let mut total = (Duration::ZERO, 0);
-        let mut add = |info: aya::programs::ProgramInfo| {
-            total.0 += info.run_time();
-            total.1 += info.run_count();
-        };
-        if let Some(f) = &floor {
-            for name in names::FLOOR {
-                add(f.program(name).context(name)?.info()?);
-            }
+        match (&floor, &capture) {
+            (Some(f), _) => floor_stats(f),
+            (_, Some(c)) => skb_stats(c),
+            _ => Ok((Duration::ZERO, 0)),
         }
-        if let Some(c) = &capture {
-            for (name, t, n) in c.program_stats()? {
-                if name == names::EGRESS || name == names::INGRESS {
-                    total.0 += t;
-                    total.1 += n;
-                }
-            }
-        }
-        Ok(total)
     };
     let workloads: [fn() -> Result<f64>; 3] = [udp_ns_per_packet, tcp_ns_per_write, tcp_mbytes_per_sec];
     let mut figures = [(0.0, None); 3];
@@ -265,16 +251,7 @@ fn steps(cg: &Cgroup) -> Result<()> {
             }
         }
         let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()]))?;
-        let ns = kernel_ns_during(
-            || {
-                let skb = capture
-                    .program_stats()?
-                    .into_iter()
-                    .filter(|(n, _, _)| *n == names::EGRESS || *n == names::INGRESS);
-                Ok(skb.fold((Duration::ZERO, 0), |(t, n), (_, dt, dn)| (t + dt, n + dn)))
-            },
-            tcp_ns_per_write,
-        )?;
+        let ns = kernel_ns_during(|| skb_stats(&capture), tcp_ns_per_write)?;
         per_rung[names::RUNGS.len() + 1].push(ns);
     }
     println!("C. The fast path step by step: kernel ns per program run on 64-byte TCP writes (median of {ROUNDS})");
@@ -294,6 +271,12 @@ fn floor_stats(floor: &aya::Ebpf) -> Result<(Duration, u64)> {
         total = (total.0 + info.run_time(), total.1 + info.run_count());
     }
     Ok(total)
+}
+
+/// Total run time and runs of a capture's two cgroup_skb programs.
+fn skb_stats(capture: &Capture) -> Result<(Duration, u64)> {
+    let skb = capture.program_stats()?.into_iter().filter(|(n, _, _)| *n == names::EGRESS || *n == names::INGRESS);
+    Ok(skb.fold((Duration::ZERO, 0), |(t, n), (_, dt, dn)| (t + dt, n + dn)))
 }
 
 /// Runs `workload` and returns the kernel's ns per program run meanwhile, from `stats` (total
