@@ -3,7 +3,7 @@
 //! A flow is a connection-level aggregate: `src` is always the side that opened the connection,
 //! `dst` the side that served it; the ephemeral client port is `null`.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, str::FromStr, sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -117,12 +117,12 @@ pub struct Flow {
     #[serde(default)]
     pub connections: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_seen: Option<String>,
+    pub first_seen: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_seen: Option<String>,
-    /// The audited cgroup the flow was recorded in.
+    pub last_seen: Option<Timestamp>,
+    /// The audited cgroup the flow was recorded in (shared by its flows: a drain makes many).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     /// Both ends are inside the same audited cgroup (e.g. over loopback): recorded once, from
     /// the initiating side. No network policy applies to it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -138,9 +138,46 @@ pub struct Endpoint {
     /// DNS names the audited workload resolved to this address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
-    /// Who this address is in the cluster, where known (the agent enriches flows live).
+    /// Who this address is in the cluster, where known (the agent enriches flows live; shared
+    /// by every flow of the address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<Identity>,
+    pub identity: Option<Arc<Identity>>,
+}
+
+/// A point in time, written as RFC 3339 in UTC with milliseconds (`2026-12-01T20:25:07.123Z`):
+/// kept as a time, so a drain formats nothing and comparisons are exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+impl FromStr for Timestamp {
+    type Err = humantime::TimestampError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_rfc3339(s).map(Timestamp)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not an RFC 3339 timestamp in UTC ({e}); write it as 2026-12-01T20:25:07.000Z"
+            ))
+        })
+    }
 }
 
 /// The Kubernetes identity behind an address.
@@ -312,7 +349,7 @@ impl Flow {
     }
 
     pub fn in_cgroup(mut self, cgroup: &str) -> Flow {
-        self.cgroup = Some(cgroup.to_string());
+        self.cgroup = Some(cgroup.into());
         self
     }
 

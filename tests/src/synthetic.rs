@@ -29,7 +29,7 @@ pub fn pod_ip(ns: usize, pod: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, ns as u8, pod as u8 + 1)
 }
 
-fn doc(value: Value) -> Document {
+pub fn doc(value: Value) -> Document {
     Document { origin: "bench".into(), value }
 }
 

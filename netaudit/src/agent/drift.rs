@@ -77,7 +77,7 @@ pub struct Detector {
 
 pub fn flow_id(f: &Flow) -> FlowId {
     let key = format!("{:?} {} {} {} {:?}", f.direction, f.protocol, f.src.ip, f.dst.ip, f.dst.port);
-    (f.cgroup.clone(), key)
+    (f.cgroup.as_deref().map(str::to_string), key)
 }
 
 fn describe(v: &FlowVerdict) -> String {
@@ -152,7 +152,7 @@ impl Detector {
                 if self.alerted.get(&key).is_some_and(|t| now.duration_since(*t) < self.limits.dedupe) {
                     continue;
                 }
-                let pod = f.cgroup.clone().unwrap_or_else(|| "unknown".into());
+                let pod = f.cgroup.as_deref().unwrap_or("unknown").to_string();
                 let (start, count) = self.budget.entry(pod.clone()).or_insert((now, 0));
                 if now.duration_since(*start) >= self.limits.period {
                     (*start, *count) = (now, 0);

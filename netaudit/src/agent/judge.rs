@@ -9,11 +9,12 @@
 //! turns is at most that late.
 
 use std::{
-    collections::HashMap,
-    hash::{DefaultHasher, Hash, Hasher},
+    hash::BuildHasher,
     net::IpAddr,
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt, fast::FixedState};
 
 use super::drift::{Alert, Detector};
 use crate::{
@@ -31,7 +32,9 @@ use crate::{
 };
 
 /// What a flow's verdict depends on in the flow (not its counters), hashable without
-/// allocating: a look at a full flow map looks every flow up.
+/// allocating: a look at a full flow map looks every flow up, so the key and its map use a fast
+/// non-cryptographic hash (the flows are the audited pod's own traffic, and a collision of the
+/// 64-bit `rest` would at worst share a verdict).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     direction: Option<Direction>,
@@ -46,8 +49,6 @@ struct Key {
 
 impl Key {
     fn of(f: &Flow) -> Key {
-        let mut h = DefaultHasher::new();
-        (&f.cgroup, &f.dst.names).hash(&mut h);
         Key {
             direction: f.direction,
             protocol: f.protocol,
@@ -55,7 +56,7 @@ impl Key {
             dst: f.dst.ip,
             port: f.dst.port,
             internal: f.internal,
-            rest: h.finish(),
+            rest: FixedState::default().hash_one((&f.cgroup, &f.dst.names)),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! is drained every [`TICK`] in between so answers do not pile up.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -123,9 +124,9 @@ impl Looker {
     /// Drains, enriches, splits and (watch mode) judges the flows.
     async fn look(&mut self, last: bool) -> Result<Looked> {
         self.refresh_cluster();
-        let mut file = self.common.capture.lock().expect("not poisoned").snapshot()?;
-        self.cluster.inventory.enrich(&mut file);
-        let pods = split(&file, &self.common.audited.read().expect("not poisoned"));
+        let file = self.common.capture.lock().expect("not poisoned").snapshot()?;
+        let (file, pods) =
+            enrich_and_split(file, &self.cluster.inventory, &self.common.audited.read().expect("not poisoned"));
         self.export_counts(&file, &pods);
 
         // Judging before the first lists arrived would take every peer for an unknown address;
@@ -207,9 +208,21 @@ impl Looker {
     }
 }
 
+/// A drained flow file made into a look's: every address named from the inventory, and the
+/// flows of each pod ever audited as its own flow file.
+pub fn enrich_and_split(
+    mut file: FlowFile,
+    inventory: &Inventory,
+    audited: &BTreeMap<String, PodRef>,
+) -> (FlowFile, Vec<(PodRef, FlowFile)>) {
+    inventory.enrich(&mut file);
+    let pods = split(&file, audited);
+    (file, pods)
+}
+
 /// The flows of each pod ever audited, as its own flow file.
-fn split(file: &FlowFile, audited: &std::collections::BTreeMap<String, PodRef>) -> Vec<(PodRef, FlowFile)> {
-    let mut by_cgroup: std::collections::HashMap<&str, Vec<crate::model::Flow>> = Default::default();
+fn split(file: &FlowFile, audited: &BTreeMap<String, PodRef>) -> Vec<(PodRef, FlowFile)> {
+    let mut by_cgroup: foldhash::HashMap<&str, Vec<crate::model::Flow>> = Default::default();
     for f in &file.flows {
         if let Some(c) = f.cgroup.as_deref().filter(|c| audited.contains_key(*c)) {
             by_cgroup.entry(c).or_default().push(f.clone());

@@ -4,98 +4,158 @@
 //! No kernel and no root needed: unit-tested here.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use foldhash::{HashMap, HashSet};
 use netaudit_ebpf::{Family, FlowKey, FlowStats, Initiator};
 
 use super::DnsNames;
-use crate::model::{Direction, Endpoint, Flow, Protocol};
+use crate::model::{Direction, Endpoint, Flow, Protocol, Timestamp};
 
 /// The flows of `entries` (flow map keys and counters), internal connections merged, in a stable
-/// order. `cgroups` names each audited cgroup id; entries with values this build does not know
-/// (another layout) are skipped.
+/// order: by cgroup name, direction, protocol number, service address and port, client address.
+/// `cgroups` names each audited cgroup id; entries with values this build does not know
+/// (another layout) are skipped. A drain holds up to a full map, so the entries are merged and
+/// sorted by their [`Shape`]s (integers), and only the flows kept are built, in their order.
 pub fn flows(
-    entries: impl IntoIterator<Item = (FlowKey, FlowStats)>,
+    entries: &[(FlowKey, FlowStats)],
     clock: &Clock,
     dns: &DnsNames,
-    cgroups: &BTreeMap<u64, &str>,
+    cgroups: &BTreeMap<u64, Arc<str>>,
 ) -> Vec<Flow> {
-    let mut flows: Vec<Flow> = (entries.into_iter())
-        .filter_map(|(key, stats)| to_flow(&key, &stats, clock, dns, cgroups.get(&key.cgroup_id).copied()))
+    let mut names: Vec<(&Arc<str>, u64)> = cgroups.iter().map(|(id, name)| (name, *id)).collect();
+    names.sort();
+    // Each cgroup's rank in name order, from 1 (0: not an audited cgroup).
+    let by_id: HashMap<u64, u32> = names.iter().zip(1..).map(|((_, id), rank)| (*id, rank)).collect();
+    let cgroup = |key: &FlowKey| by_id.get(&key.cgroup_id);
+    // Sorted with their counters, so the flows are then built reading memory in order.
+    let mut shapes: Vec<(Shape, FlowStats)> = (entries.iter())
+        .filter_map(|(key, stats)| Some((Shape::of(key, cgroup(key).copied().unwrap_or(0))?, *stats)))
         .collect();
-    merge_internal(&mut flows);
-    flows.sort_by(|a, b| flow_order(a).cmp(&flow_order(b)));
+    let internal = internal_connections(&shapes);
+    shapes.retain(|(s, _)| s.direction != Initiator::Remote as u8 || !internal.contains(&s.connection()));
+    shapes.sort_unstable_by_key(|(s, _)| *s);
+    let names: Vec<&Arc<str>> = names.iter().map(|(name, _)| *name).collect();
+    let mut flows = Vec::with_capacity(shapes.len());
+    for (s, stats) in &shapes {
+        let cgroup = s.cgroup.checked_sub(1).map(|rank| names[rank as usize]);
+        let mut flow = s.flow(stats, clock, dns, cgroup);
+        flow.internal = !internal.is_empty() && internal.contains(&s.connection());
+        flows.push(flow);
+    }
     flows
 }
 
+/// A flow map key as integers, in the order flows sort (the fields' order) and without
+/// allocating: enough to merge and sort a full map cheaply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Shape {
+    /// The cgroup's rank by name (0: not an audited cgroup).
+    cgroup: u32,
+    /// The initiator: 0 local (egress), 1 remote (ingress).
+    direction: u8,
+    protocol: u8,
+    family: u8,
+    /// The side that was connected to, its address as big-endian bytes (IPv4 in the first four).
+    dst: u128,
+    /// 0 where the protocol has no ports.
+    service_port: u16,
+    src: u128,
+}
+
+impl Shape {
+    /// None when the key's family or initiator is not one this build knows.
+    fn of(key: &FlowKey, cgroup: u32) -> Option<Shape> {
+        Family::try_from(key.family).ok()?;
+        let initiator = Initiator::try_from(key.initiator).ok()?;
+        let (local, remote) = (u128::from_be_bytes(key.local_addr), u128::from_be_bytes(key.remote_addr));
+        let (src, dst) = match initiator {
+            Initiator::Local => (local, remote),
+            Initiator::Remote => (remote, local),
+        };
+        let service_port = if Protocol::from_number(key.protocol).has_ports() { key.service_port } else { 0 };
+        let (direction, protocol, family) = (initiator as u8, key.protocol, key.family);
+        Some(Shape { cgroup, direction, protocol, family, dst, service_port, src })
+    }
+
+    /// The connection, the same whichever end recorded it.
+    fn connection(&self) -> Shape {
+        Shape { direction: 0, ..*self }
+    }
+}
+
 /// One flow map entry as a flow; none when its family or initiator is not one this build knows.
-pub fn to_flow(key: &FlowKey, stats: &FlowStats, clock: &Clock, dns: &DnsNames, cgroup: Option<&str>) -> Option<Flow> {
-    let family = Family::try_from(key.family).ok()?;
-    let initiator = Initiator::try_from(key.initiator).ok()?;
-    let ip = |bytes: &[u8; 16]| -> IpAddr {
-        match family {
-            Family::V4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
-            Family::V6 => IpAddr::V6(Ipv6Addr::from(*bytes)),
+pub fn to_flow(
+    key: &FlowKey,
+    stats: &FlowStats,
+    clock: &Clock,
+    dns: &DnsNames,
+    cgroup: Option<&Arc<str>>,
+) -> Option<Flow> {
+    Some(Shape::of(key, 0)?.flow(stats, clock, dns, cgroup))
+}
+
+impl Shape {
+    fn ip(&self, addr: u128) -> IpAddr {
+        if self.family == Family::V4 as u8 {
+            IpAddr::V4(Ipv4Addr::from((addr >> 96) as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(addr))
         }
-    };
-    let protocol = Protocol::from_number(key.protocol);
-    let service_port = (protocol.has_ports() && key.service_port != 0).then_some(key.service_port);
-    let endpoint =
-        |addr: IpAddr, port: Option<u16>| Endpoint { ip: addr, port, names: dns.names_of(&addr), identity: None };
-    let (local, remote) = (ip(&key.local_addr), ip(&key.remote_addr));
-    let outbound = initiator == Initiator::Local;
-    let (src, dst, direction) = if outbound {
-        (endpoint(local, None), endpoint(remote, service_port), Direction::Egress)
-    } else {
-        (endpoint(remote, None), endpoint(local, service_port), Direction::Ingress)
-    };
-    let (ps, bs, pd, bd) = if outbound {
-        (stats.packets_out, stats.bytes_out, stats.packets_in, stats.bytes_in)
-    } else {
-        (stats.packets_in, stats.bytes_in, stats.packets_out, stats.bytes_out)
-    };
-    Some(Flow {
-        protocol,
-        src,
-        dst,
-        direction: Some(direction),
-        packets: ps + pd,
-        bytes: bs + bd,
-        packets_from_src: ps,
-        bytes_from_src: bs,
-        packets_from_dst: pd,
-        bytes_from_dst: bd,
-        connections: stats.connections,
-        first_seen: Some(rfc3339(clock.wall(stats.first_ns))),
-        last_seen: Some(rfc3339(clock.wall(stats.last_ns))),
-        cgroup: cgroup.map(str::to_string),
-        internal: false,
-    })
+    }
+
+    /// The flow, counted by `stats`, in `cgroup`.
+    fn flow(&self, stats: &FlowStats, clock: &Clock, dns: &DnsNames, cgroup: Option<&Arc<str>>) -> Flow {
+        let endpoint = |addr: u128, port: Option<u16>| {
+            let ip = self.ip(addr);
+            Endpoint { ip, port, names: dns.names_of(&ip), identity: None }
+        };
+        let service_port = (self.service_port != 0).then_some(self.service_port);
+        let outbound = self.direction == Initiator::Local as u8;
+        let (ps, bs, pd, bd) = if outbound {
+            (stats.packets_out, stats.bytes_out, stats.packets_in, stats.bytes_in)
+        } else {
+            (stats.packets_in, stats.bytes_in, stats.packets_out, stats.bytes_out)
+        };
+        Flow {
+            protocol: Protocol::from_number(self.protocol),
+            src: endpoint(self.src, None),
+            dst: endpoint(self.dst, service_port),
+            direction: Some(if outbound { Direction::Egress } else { Direction::Ingress }),
+            packets: ps + pd,
+            bytes: bs + bd,
+            packets_from_src: ps,
+            bytes_from_src: bs,
+            packets_from_dst: pd,
+            bytes_from_dst: bd,
+            connections: stats.connections,
+            first_seen: Some(Timestamp(clock.wall(stats.first_ns))),
+            last_seen: Some(Timestamp(clock.wall(stats.last_ns))),
+            cgroup: cgroup.cloned(),
+            internal: false,
+        }
+    }
 }
 
 /// A connection between two sockets of one audited cgroup passes its egress hook at the client
 /// and its ingress hook at the server, so it is recorded twice: once as the client's egress flow
 /// and once as the server's ingress flow, with the same initiator address and service endpoint.
-/// Keep the client's, mark it internal.
-fn merge_internal(flows: &mut Vec<Flow>) {
-    let conn = |f: &Flow| (f.cgroup.clone(), f.protocol, f.src.ip, f.dst.ip, f.dst.port);
-    let egress: HashSet<_> = flows.iter().filter(|f| f.direction == Some(Direction::Egress)).map(conn).collect();
-    let ingress: HashSet<_> = flows.iter().filter(|f| f.direction == Some(Direction::Ingress)).map(conn).collect();
-    flows.retain(|f| f.direction != Some(Direction::Ingress) || !egress.contains(&conn(f)));
-    // Only a client's flow with a server-side twin is internal; an ingress flow from outside
-    // the cgroup has no egress twin and stays as it is.
-    for f in flows.iter_mut() {
-        if f.direction == Some(Direction::Egress) && ingress.contains(&conn(f)) {
-            f.internal = true;
-        }
+/// Those connections: their client's flow is kept, marked internal, the server's dropped. An
+/// ingress flow from outside the cgroup has no egress twin and stays as it is.
+fn internal_connections(shapes: &[(Shape, FlowStats)]) -> HashSet<Shape> {
+    let (egress, ingress): (Vec<&Shape>, Vec<&Shape>) =
+        shapes.iter().map(|(s, _)| s).partition(|s| s.direction == Initiator::Local as u8);
+    // Probe the larger side against a set of the smaller (usually the few inbound flows).
+    let (small, large) = if egress.len() < ingress.len() { (egress, ingress) } else { (ingress, egress) };
+    let small: HashSet<Shape> = small.iter().map(|s| s.connection()).collect();
+    if small.is_empty() {
+        return small;
     }
-}
-
-fn flow_order(f: &Flow) -> impl Ord + '_ {
-    (&f.cgroup, f.direction, f.protocol, &f.dst.ip, f.dst.port, &f.src.ip)
+    large.iter().map(|s| s.connection()).filter(|c| small.contains(c)).collect()
 }
 
 /// Converts the kernel's CLOCK_MONOTONIC nanoseconds to wall-clock time.
@@ -131,34 +191,38 @@ mod tests {
 
     use super::*;
 
-    fn flow(direction: Direction, src: &str, dst: &str, port: u16) -> Flow {
-        Flow::new(Protocol::Tcp, src.parse().unwrap(), dst.parse().unwrap(), Some(port))
-            .with_direction(direction)
-            .with_traffic((1, 1), (0, 0))
-            .with_connections(1)
-            .in_cgroup("/cg")
+    /// A v4 TCP key of cgroup 7: `initiator` local (egress) or remote (ingress), the service
+    /// at `port`.
+    fn tcp_key(initiator: Initiator, local: [u8; 4], remote: [u8; 4], port: u16) -> FlowKey {
+        FlowKey { service_port: port, ..key(Family::V4 as u8, initiator as u8, v4(local), v4(remote)) }
     }
 
     #[test]
-    fn only_connections_seen_from_both_ends_are_internal() {
-        let mut flows = vec![
-            // Loopback inside the pod: the client's egress and the server's ingress record.
-            flow(Direction::Egress, "127.0.0.1", "127.0.0.1", 8080),
-            flow(Direction::Ingress, "127.0.0.1", "127.0.0.1", 8080),
+    fn only_connections_seen_from_both_ends_are_internal_and_flows_come_sorted() {
+        let entries: Vec<_> = [
             // A real client outside the pod, and a real egress.
-            flow(Direction::Ingress, "192.0.2.30", "192.0.2.5", 8080),
-            flow(Direction::Egress, "192.0.2.5", "192.0.2.2", 6443),
-        ];
-        merge_internal(&mut flows);
+            tcp_key(Initiator::Remote, [192, 0, 2, 5], [192, 0, 2, 30], 8080),
+            tcp_key(Initiator::Local, [192, 0, 2, 5], [192, 0, 2, 2], 6443),
+            // Loopback inside the pod: the client's egress and the server's ingress record.
+            tcp_key(Initiator::Local, [127, 0, 0, 1], [127, 0, 0, 1], 8080),
+            tcp_key(Initiator::Remote, [127, 0, 0, 1], [127, 0, 0, 1], 8080),
+        ]
+        .into_iter()
+        .map(|k| (k, FlowStats::default()))
+        .collect();
+        let clock = Clock { wall: SystemTime::UNIX_EPOCH, mono_ns: 0 };
+        let cgroups = BTreeMap::from([(7, Arc::from("/cg"))]);
+        let flows = flows(&entries, &clock, &DnsNames::default(), &cgroups);
         let got: Vec<_> = flows.iter().map(|f| (f.direction, f.src.ip.to_string(), f.internal)).collect();
         assert_eq!(
             got,
             [
                 (Some(Direction::Egress), "127.0.0.1".to_string(), true),
-                (Some(Direction::Ingress), "192.0.2.30".to_string(), false),
                 (Some(Direction::Egress), "192.0.2.5".to_string(), false),
+                (Some(Direction::Ingress), "192.0.2.30".to_string(), false),
             ]
         );
+        assert!(flows.iter().all(|f| f.cgroup.as_deref() == Some("/cg")));
     }
 
     fn key(family: u8, initiator: u8, local: [u8; 16], remote: [u8; 16]) -> FlowKey {
@@ -195,7 +259,7 @@ mod tests {
             (Some(Direction::Egress), "192.0.2.5".into(), Some(443))
         );
         assert_eq!((out.packets_from_src, out.bytes_from_dst, out.packets), (3, 200, 5));
-        assert_eq!(out.last_seen.as_deref(), Some("1970-01-01T00:16:40.000Z"));
+        assert_eq!(out.last_seen.map(|t| t.to_string()).as_deref(), Some("1970-01-01T00:16:40.000Z"));
         let inbound =
             to_flow(&key(Family::V4 as u8, Initiator::Remote as u8, local, remote), &stats, &clock, &dns, None);
         let inbound = inbound.unwrap();

@@ -12,13 +12,15 @@ use std::{
     fs::File,
     io::Read,
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
 };
 
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
+
+use super::sys::bpf_fd;
 
 /// Why the fold could not run.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +113,7 @@ fn link(program: BorrowedFd<'_>) -> Result<OwnedFd, FoldError> {
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.link_create.__bindgen_anon_1.prog_fd = program.as_raw_fd() as u32;
     attr.link_create.attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
-    bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map_err(FoldError::Link)
+    bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr).map_err(FoldError::Link)
 }
 
 /// One run of an iterator over the current namespace: reading its (empty) output to the end runs
@@ -120,21 +122,8 @@ fn iterate(link: BorrowedFd<'_>) -> Result<(), FoldError> {
     // SAFETY: as above.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.iter_create.link_fd = link.as_raw_fd() as u32;
-    let iter = bpf(bpf_cmd::BPF_ITER_CREATE, &mut attr).map_err(FoldError::Start)?;
+    let iter = bpf_fd(bpf_cmd::BPF_ITER_CREATE, &mut attr).map_err(FoldError::Start)?;
     let mut sink = Vec::new();
     File::from(iter).read_to_end(&mut sink).map_err(FoldError::Run)?;
     Ok(())
-}
-
-/// The bpf(2) commands that return a new file descriptor.
-fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a valid bpf_attr for `cmd`, its size passed alongside; the kernel only
-    // reads it.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, std::ptr::from_mut(attr), size_of::<bpf_attr>()) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: on success these commands return a new file descriptor this process now owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
 }

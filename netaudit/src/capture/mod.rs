@@ -8,11 +8,13 @@ pub mod fold;
 pub mod loader;
 pub mod pins;
 pub mod sockets;
+pub mod sys;
 
 use std::{
     collections::BTreeMap,
     fs::File,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -334,14 +336,14 @@ impl Capture {
     /// The flows recorded so far, as a flow file.
     pub fn snapshot(&mut self) -> Result<FlowFile> {
         self.poll()?;
-        let by_id: BTreeMap<u64, &str> = self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str())).collect();
+        let by_id: BTreeMap<u64, Arc<str>> =
+            self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str().into())).collect();
         if self.per_socket {
             let namespaces = fold::network_namespaces(self.attached.values().map(|a| a.dir.as_path()));
             self.maps.fold.run(&namespaces)?;
         }
-        // An entry deleted while iterating is skipped; the map is never shrunk while recording.
-        let entries = self.maps.flows.iter().filter_map(Result::ok);
-        let flows = decode::flows(entries, &Clock::now(), &self.dns, &by_id);
+        let entries = sys::read_hash_map(&self.maps.flows).context("reading the flow map (BPF_MAP_LOOKUP_BATCH)")?;
+        let flows = decode::flows(&entries, &Clock::now(), &self.dns, &by_id);
         Ok(FlowFile {
             version: FLOW_FILE_VERSION,
             window: Some(Window { start: rfc3339(self.started), end: rfc3339(SystemTime::now()) }),

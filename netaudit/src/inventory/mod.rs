@@ -393,9 +393,12 @@ impl Inventory {
 
     /// Sets the identity of both ends of every flow (cleared where the address is unknown now).
     pub fn enrich(&self, file: &mut FlowFile) {
+        // Each address once: a drain holds many flows per peer.
+        let mut known: foldhash::HashMap<IpAddr, Option<Arc<Identity>>> = Default::default();
+        let mut identify = |ip: IpAddr| known.entry(ip).or_insert_with(|| self.identify(ip).map(Arc::new)).clone();
         for f in &mut file.flows {
-            f.src.identity = self.identify(f.src.ip);
-            f.dst.identity = self.identify(f.dst.ip);
+            f.src.identity = identify(f.src.ip);
+            f.dst.identity = identify(f.dst.ip);
         }
     }
 

@@ -22,7 +22,7 @@ use crate::{
     error::{FieldError, InputError},
     inventory::{Inventory, Labels, Owner, PodInfo},
     matrix::Matrix,
-    model::{DNS_PORT, Direction, Flow, FlowFile, Protocol},
+    model::{DNS_PORT, Direction, Flow, FlowFile, Protocol, Timestamp},
     policy::Engine,
     resolve::{Party, ResolvedFlow, Resolver},
 };
@@ -108,9 +108,9 @@ pub struct Evidence {
     pub connections: u64,
     pub bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_seen: Option<String>,
+    pub first_seen: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_seen: Option<String>,
+    pub last_seen: Option<Timestamp>,
     /// The peers seen (pod names, addresses with their DNS names).
     pub seen: BTreeSet<String>,
 }
@@ -121,8 +121,8 @@ impl Evidence {
             flows: 1,
             connections: f.connections,
             bytes: f.bytes,
-            first_seen: f.first_seen.clone(),
-            last_seen: f.last_seen.clone(),
+            first_seen: f.first_seen,
+            last_seen: f.last_seen,
             seen: BTreeSet::from([seen]),
         });
     }
@@ -132,10 +132,10 @@ impl Evidence {
         self.connections += o.connections;
         self.bytes += o.bytes;
         if o.first_seen.is_some() && (self.first_seen.is_none() || o.first_seen < self.first_seen) {
-            self.first_seen = o.first_seen.clone();
+            self.first_seen = o.first_seen;
         }
         if o.last_seen > self.last_seen {
-            self.last_seen = o.last_seen.clone();
+            self.last_seen = o.last_seen;
         }
         self.seen.extend(o.seen.iter().cloned());
     }

@@ -10,31 +10,42 @@
 //! time until `/readyz` answers (every first list arrived) and the agent's resident memory then
 //! and 5 s later (VmRSS, VmHWM from /proc). Three rounds each; the median is printed.
 //!
-//! First, without a control plane: the cost of one look's judging at a full flow map — the
-//! synthetic cluster and 100 000 flows of `bench check` (tests/src/synthetic.rs), the judge in
-//! watch mode with the chart's values; one look with every flow new (the first look, or one
-//! after a policy change) against looks where 1 % of the flows are new, in the same run.
+//! First, without a control plane, one look at a full flow map, in its two halves:
+//! - judging: the synthetic cluster and 100 000 flows of `bench check` (tests/src/synthetic.rs),
+//!   the judge in watch mode with the chart's values; one look with every flow new (the first
+//!   look, or one after a policy change) against looks where 1 % of the flows are new;
+//! - draining: a real capture of one lab pod that sent a datagram to each of 100 000
+//!   (address, port) pairs, 1 % of them one more between looks; the drain (fold and map read),
+//!   then the enrichment from the synthetic inventory (both ends known: the worst case) and the
+//!   split per audited pod — the agent's own code for each.
+//!
+//! `netaudit-bench-agent look` stops after these (no control plane is started).
 
 use std::{
+    collections::BTreeMap,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use netaudit::{
     agent::{
+        cluster::PodRef,
         drift::{Detector, Limits},
         judge::{Generations, Judge},
+        look::enrich_and_split,
     },
+    capture::{Capture, CaptureConfig},
     chart::Values,
     inventory::Inventory,
     matrix::Matrix,
     policy,
 };
 use netaudit_tests::{
-    Bpffs,
+    Bpffs, DNS_V4, Lab, PEER_V4, POD_V4,
     cluster::TestCluster,
-    free_ports, http_get, netaudit_bin,
-    synthetic::{FLOWS, Lcg, cluster as synthetic_cluster, flows},
+    free_ports, helper, http_get, netaudit_bin,
+    synthetic::{FLOWS, Lcg, cluster as synthetic_cluster, doc, flows},
+    test_cgroup,
 };
 use serde_json::{Value, json};
 
@@ -215,16 +226,80 @@ fn looks() -> (f64, f64, usize) {
     (median(full), median(incremental), policies.len())
 }
 
+/// The synthetic inventory, plus pods at the lab's two addresses (so enrichment names both ends
+/// of every drained flow).
+fn inventory_with_lab() -> Inventory {
+    let mut documents = synthetic_cluster(&mut Lcg(42));
+    for (name, ip) in [("audited", POD_V4), ("peer", PEER_V4)] {
+        documents.push(doc(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "lab", "labels": {"app": name}},
+            "spec": {"nodeName": "node-0", "containers": [{"name": "c"}]}, "status": {"podIP": ip}})));
+    }
+    Inventory::from_documents(documents).unwrap().0
+}
+
+/// One look's drain, and its enrichment and split, at FLOWS flows in the real kernel. Returns
+/// the medians (seconds).
+fn drains() -> (f64, f64) {
+    let inventory = inventory_with_lab();
+    let lab = Lab::new().unwrap();
+    let cg = test_cgroup().unwrap();
+    let max_flows = (FLOWS as u32).next_power_of_two();
+    let mut capture =
+        Capture::start(&CaptureConfig { max_flows, ..CaptureConfig::new(vec![cg.path.clone()]) }).unwrap();
+    let send = |ip: &str, base: usize, n: usize| {
+        helper(&lab.pod, Some(&cg.path), &["udp-ports", ip, &base.to_string(), &n.to_string()])
+            .unwrap()
+            .finish()
+            .unwrap();
+    };
+    // One datagram to each of FLOWS (address, port) pairs: as many flows.
+    for ip in [PEER_V4, DNS_V4] {
+        send(ip, 1000, FLOWS / 2);
+    }
+    let cgroup = capture.snapshot().unwrap().sources[0].cgroup.clone();
+    let pod =
+        PodRef { target: "bench".into(), namespace: "lab".into(), name: "audited".into(), uid: "u".into(), qos: None };
+    let audited = BTreeMap::from([(cgroup, pod)]);
+    let (mut drain, mut split) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS * 3 {
+        // 1 % of the flows grow by a datagram.
+        send(PEER_V4, 1000 + round * FLOWS / 100, FLOWS / 100);
+        let t = Instant::now();
+        let file = capture.snapshot().unwrap();
+        drain.push(t.elapsed().as_secs_f64());
+        assert!(file.flows.len() >= FLOWS, "{} flows drained", file.flows.len());
+        let t = Instant::now();
+        let (file, pods) = enrich_and_split(file, &inventory, &audited);
+        split.push(t.elapsed().as_secs_f64());
+        assert_eq!(pods[0].1.flows.len(), file.flows.len(), "every flow is the audited pod's");
+    }
+    (median(drain), median(split))
+}
+
 fn main() {
     let (full, incremental, policies) = looks();
-    println!("netaudit agent: one look's judging at {FLOWS} flows, {policies} policies (median of {ROUNDS})");
-    println!("  every flow new (first look, or a policy change)   {:>8.1} ms", full * 1e3);
-    println!("  1 % of the flows new or grown                       {:>8.1} ms", incremental * 1e3);
-    println!();
+    println!(
+        "netaudit agent: one look at {FLOWS} flows (medians: {ROUNDS} looks with every flow new, {} with 1 %)",
+        ROUNDS * 3
+    );
+    println!("  judging, {policies} policies: every flow new (first look, or a policy change) {:>8.1} ms", full * 1e3);
+    println!("  judging: 1 % of the flows new or grown                               {:>8.1} ms", incremental * 1e3);
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("the agent benchmark loads eBPF programs: run it as root (cargo xtask bench agent)");
         std::process::exit(2);
+    }
+    let (drain, split) = drains();
+    println!("  drain from the kernel (fold, flow map read, decode)                  {:>8.1} ms", drain * 1e3);
+    println!("  enrichment from the inventory and split per audited pod              {:>8.1} ms", split * 1e3);
+    println!(
+        "  one look with 1 % new: drain + enrichment and split + judging        {:>8.1} ms",
+        (drain + split + incremental) * 1e3
+    );
+    println!();
+    if std::env::args().nth(1).as_deref() == Some("look") {
+        return;
     }
     println!("netaudit agent: start-up and memory vs. cluster size (median of {ROUNDS})");
     println!(
