@@ -10,7 +10,6 @@
 
 use std::{
     hash::BuildHasher,
-    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -23,7 +22,7 @@ use crate::{
     error::InputError,
     inventory::{Inventory, PodInfo},
     matrix::Matrix,
-    model::{Direction, Flow, FlowFile, Protocol},
+    model::{Flow, FlowFile},
     policy::{
         Policy,
         evaluate::Selections,
@@ -31,34 +30,28 @@ use crate::{
     },
 };
 
-/// What a flow's verdict depends on in the flow (not its counters), hashable without
-/// allocating: a look at a full flow map looks every flow up, so the key and its map use a fast
-/// non-cryptographic hash (the flows are the audited pod's own traffic, and a collision of the
-/// 64-bit `rest` would at worst share a verdict).
+/// What a flow's verdict depends on in the flow (not its counters), as a 128-bit hash: a look at
+/// a full flow map looks every flow up, so the map's entries stay small (a full map's index fits
+/// in cache) and hashing is fast and non-cryptographic (the flows are the audited pods' own
+/// traffic). Two flows sharing a key would share a verdict; at 128 bits that is beyond any
+/// real chance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    direction: Option<Direction>,
-    protocol: Protocol,
-    src: IpAddr,
-    dst: IpAddr,
-    port: Option<u16>,
-    internal: bool,
-    /// The cgroup's and the DNS names' hash (names learned later can change an FQDN verdict).
-    rest: u64,
-}
+struct Key(u128);
 
 impl Key {
     fn of(f: &Flow) -> Key {
-        Key {
-            direction: f.direction,
-            protocol: f.protocol,
-            src: f.src.ip,
-            dst: f.dst.ip,
-            port: f.dst.port,
-            internal: f.internal,
-            rest: FixedState::default().hash_one((&f.cgroup, &f.dst.names)),
-        }
+        // The DNS names too: names learned later can change an FQDN verdict.
+        let parts = (f.direction, f.protocol, f.src.ip, f.dst.ip, f.dst.port, f.internal, &f.cgroup, &f.dst.names);
+        let half = |seed| u128::from(FixedState::with_seed(seed).hash_one(parts));
+        Key(half(1) << 64 | half(2))
     }
+}
+
+/// A judged flow: the packets it had when judged, and where its verdict is.
+#[derive(Clone, Copy, Debug)]
+struct Judged {
+    packets: u64,
+    verdict: usize,
 }
 
 /// The policies in force for `release`, rendered and linted again only when they changed.
@@ -109,8 +102,9 @@ pub struct Judge {
     values: Option<Values>,
     matrix: Matrix,
     pub detector: Detector,
-    /// Per flow: the packets it had when judged, and its verdict.
-    verdicts: HashMap<Key, (u64, FlowVerdict)>,
+    /// Per flow: the packets it had when judged, and its verdict (in `verdicts`).
+    judged_flows: HashMap<Key, Judged>,
+    verdicts: Vec<FlowVerdict>,
     in_force: Option<InForce>,
     /// What the kept verdicts were judged against, and when every flow was last judged.
     judged: Option<(Generations, Instant)>,
@@ -127,7 +121,8 @@ pub struct Look {
 
 impl Judge {
     pub fn new(values: Option<Values>, matrix: Matrix, detector: Detector) -> Judge {
-        Judge { values, matrix, detector, verdicts: HashMap::new(), in_force: None, judged: None, last: None }
+        let (judged_flows, verdicts) = (HashMap::new(), Vec::new());
+        Judge { values, matrix, detector, judged_flows, verdicts, in_force: None, judged: None, last: None }
     }
 
     /// Judges what changed in `file` against `inventory` and `policies`; `audited` are the pods
@@ -147,11 +142,12 @@ impl Judge {
             Some((g, at)) => g.inventory != generations.inventory && now.duration_since(at) >= REJUDGE_PERIOD,
         };
         if everything {
+            self.judged_flows.clear();
             self.verdicts.clear();
             self.judged = Some((generations, now));
         }
         let changed: Vec<_> = (file.flows.iter())
-            .filter(|f| self.verdicts.get(&Key::of(f)).is_none_or(|(packets, _)| *packets < f.packets.max(1)))
+            .filter(|f| self.judged_flows.get(&Key::of(f)).is_none_or(|j| j.packets < f.packets.max(1)))
             .cloned()
             .collect();
         if changed.is_empty() {
@@ -167,7 +163,17 @@ impl Judge {
         let alerts = self.detector.observe(&subset, &report, now);
         for v in report.verdicts.drain(..) {
             let f = &subset.flows[v.index];
-            self.verdicts.insert(Key::of(f), (f.packets.max(1), v));
+            let packets = f.packets.max(1);
+            match self.judged_flows.get_mut(&Key::of(f)) {
+                Some(j) => {
+                    j.packets = packets;
+                    self.verdicts[j.verdict] = v;
+                }
+                None => {
+                    self.judged_flows.insert(Key::of(f), Judged { packets, verdict: self.verdicts.len() });
+                    self.verdicts.push(v);
+                }
+            }
         }
         let judged = subset.flows.len();
         self.last = Some(report);
@@ -180,8 +186,8 @@ impl Judge {
         let last = self.last.as_ref()?;
         let mut verdicts = Vec::with_capacity(file.flows.len());
         for (index, f) in file.flows.iter().enumerate() {
-            if let Some((_, v)) = self.verdicts.get(&Key::of(f)) {
-                let mut v = v.clone();
+            if let Some(j) = self.judged_flows.get(&Key::of(f)) {
+                let mut v = self.verdicts[j.verdict].clone();
                 v.index = index;
                 verdicts.push(v);
             }
