@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a map key or value layout changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Who opened the connection, seen from the audited cgroup ([`FlowKey::initiator`]).
 #[repr(u8)]
@@ -52,15 +52,14 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const LISTEN: &str = "LISTEN";
     pub const LOSSES: &str = "LOSSES";
-    pub const CONFIG: &str = "CONFIG";
     pub const DNS: &str = "DNS";
     pub const SOCKS: &str = "SOCKS";
     /// Every map of the object (a persistent capture pins them all).
-    pub const MAPS: [&str; 7] = [AUDITED, FLOWS, LISTEN, LOSSES, CONFIG, DNS, SOCKS];
+    pub const MAPS: [&str; 6] = [AUDITED, FLOWS, LISTEN, LOSSES, DNS, SOCKS];
     /// cgroup_skb, per direction.
     pub const EGRESS: &str = "netaudit_egress";
     pub const INGRESS: &str = "netaudit_ingress";
-    /// cgroup_sock post_bind, per family.
+    /// cgroup_sock_addr bind (before the bind), per family: learns UDP server ports.
     pub const BIND4: &str = "netaudit_bind4";
     pub const BIND6: &str = "netaudit_bind6";
     /// cgroup_sock sock_release: folds a closing socket's counts into FLOWS.
@@ -226,15 +225,6 @@ pub mod loss {
     pub const UNPARSED_PACKETS: u32 = 4;
     /// Number of slots.
     pub const COUNT: u32 = 5;
-}
-
-/// Indexes into the `CONFIG` array, written by userspace before attaching.
-pub mod config {
-    /// Lowest port of the kernel's ephemeral range (net.ipv4.ip_local_port_range).
-    pub const EPHEMERAL_LOW: u32 = 0;
-    /// Highest port of that range.
-    pub const EPHEMERAL_HIGH: u32 = 1;
-    pub const COUNT: u32 = 2;
 }
 
 /// Deepest cgroup level searched for an audited ancestor.

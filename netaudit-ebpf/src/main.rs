@@ -1,5 +1,5 @@
 //! netaudit's kernel programs: cgroup_skb ingress/egress aggregate the audited cgroups' packets
-//! into connection-level flows; cgroup_sock post_bind learns UDP server ports.
+//! into connection-level flows; cgroup_sock_addr bind learns UDP server ports.
 //!
 //! A connection's first packet is parsed and classified once; its flow key is then memoized in
 //! the socket's storage. With per-socket counting on (`PER_SOCKET_COUNTS`, set at load) its
@@ -28,13 +28,13 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_sk_fullsock, bpf_sk_storage_get,
         bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{SkBuffContext, SockContext},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use netaudit_ebpf::{
     DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, Family, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, Memo, SockState, capacity, config, loss,
+    IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, Memo, SockState, capacity, loss,
 };
 
 const PASS: i32 = 1;
@@ -60,9 +60,6 @@ static LISTEN: HashMap<ListenKey, u8> = HashMap::with_max_entries(capacity::LIST
 
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
-
-#[map]
-static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 
 /// Set by the loader ([`netaudit_ebpf::names::PER_SOCKET_COUNTS`]); read-only, so the verifier
 /// prunes the path not taken.
@@ -90,16 +87,19 @@ pub fn netaudit_ingress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
-/// A UDP socket bound explicitly to a port outside the ephemeral range is a server: packets to
-/// that port belong to exchanges the peer started.
-#[cgroup_sock(post_bind4)]
-pub fn netaudit_bind4(ctx: SockContext) -> i32 {
+/// A UDP socket bound to a port it asked for is a server: packets to that port belong to
+/// exchanges the peer started. Seen before the bind (the asked-for port is only visible here; a
+/// client's socket is bound to a kernel-chosen port without asking, or asks for port 0), also
+/// inside the ephemeral range. A bind that then fails leaves its port marked, which no client
+/// socket of the cgroup can be bound to meanwhile.
+#[cgroup_sock_addr(bind4)]
+pub fn netaudit_bind4(ctx: SockAddrContext) -> i32 {
     learn_bound_port(&ctx);
     PASS
 }
 
-#[cgroup_sock(post_bind6)]
-pub fn netaudit_bind6(ctx: SockContext) -> i32 {
+#[cgroup_sock_addr(bind6)]
+pub fn netaudit_bind6(ctx: SockAddrContext) -> i32 {
     learn_bound_port(&ctx);
     PASS
 }
@@ -178,11 +178,11 @@ fn socks() -> *mut c_void {
 }
 
 #[inline(always)]
-fn learn_bound_port(ctx: &SockContext) {
-    let sock = ctx.sock;
-    // SAFETY: a post_bind program's context points at the bound socket, valid for the run.
-    let (protocol, port) = unsafe { ((*sock).protocol, (*sock).src_port) };
-    if protocol != IPPROTO_UDP as u32 || is_ephemeral(port as u16) {
+fn learn_bound_port(ctx: &SockAddrContext) {
+    // SAFETY: a bind program's context is the bind's address, valid for the run; `user_port`
+    // is the asked-for port in network byte order.
+    let (protocol, port) = unsafe { ((*ctx.sock_addr).protocol, u16::from_be((*ctx.sock_addr).user_port as u16)) };
+    if protocol != IPPROTO_UDP as u32 || port == 0 {
         return;
     }
     let mut cgroup_id = 0;
@@ -199,16 +199,9 @@ fn learn_bound_port(ctx: &SockContext) {
         }
     }
     if cgroup_id != 0 {
-        let key = ListenKey { cgroup_id, port: port as u16, protocol: IPPROTO_UDP, _pad: [0; 5] };
+        let key = ListenKey { cgroup_id, port, protocol: IPPROTO_UDP, _pad: [0; 5] };
         let _ = LISTEN.insert(&key, &1, 0);
     }
-}
-
-#[inline(always)]
-fn is_ephemeral(port: u16) -> bool {
-    let low = CONFIG.get(config::EPHEMERAL_LOW).copied().unwrap_or(0);
-    let high = CONFIG.get(config::EPHEMERAL_HIGH).copied().unwrap_or(0);
-    low != 0 && (port as u32) >= low && (port as u32) <= high
 }
 
 #[inline(always)]

@@ -151,6 +151,30 @@ fn inbound_connection_is_initiated_by_the_peer_on_the_listening_port() {
     assert!(!find(&file, &want).internal, "{:#?}", file.flows);
 }
 
+/// A UDP server bound explicitly to a port inside the ephemeral range is still a server: the
+/// bind asked for that port (a client's socket gets one without asking), so the peers that send
+/// to it started the exchanges.
+#[test]
+fn a_udp_server_on_an_ephemeral_port_is_the_side_that_was_connected_to() {
+    if !require_kernel() {
+        return;
+    }
+    let (low, high) = netaudit::capture::sockets::ephemeral_range();
+    let port = low + (high - low) / 2;
+    let lab = Lab::new().unwrap();
+    let cg = test_cgroup().unwrap();
+    let capture = Capture::start(&CaptureConfig::new(vec![cg.path.clone()])).unwrap();
+    let mut server = helper(&lab.pod, Some(&cg.path), &["serve", &format!("udp:[::]:{port}")]).unwrap();
+    assert_eq!(server.line().unwrap(), "ready");
+    helper(&lab.peer, None, &["udp", &format!("192.0.2.1:{port}"), "3"]).unwrap().finish().unwrap();
+    drop(server);
+    let file = capture.stop().unwrap();
+    let want = (Direction::Ingress, Protocol::Udp, PEER_V4.to_string(), POD_V4.to_string(), Some(port));
+    assert_eq!(shapes(&file), BTreeSet::from([want.clone()]), "{:#?}", file.flows);
+    let f = find(&file, &want);
+    assert_eq!((f.packets_from_src, f.packets_from_dst), (3, 3), "{f:#?}");
+}
+
 #[test]
 fn connections_open_before_recording_keep_their_initiator() {
     if !require_kernel() {

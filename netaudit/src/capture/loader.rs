@@ -6,10 +6,10 @@ use std::os::fd::AsFd;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, Iter},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Iter},
 };
-use netaudit_ebpf::{DnsEvent, FlowKey, FlowStats, ListenKey, config, names};
+use netaudit_ebpf::{DnsEvent, FlowKey, FlowStats, ListenKey, names};
 
 use super::{fold::Folder, pins::Pins};
 
@@ -22,9 +22,10 @@ pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 /// Packet accounting per direction.
 pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
     [(names::EGRESS, CgroupSkbAttachType::Egress), (names::INGRESS, CgroupSkbAttachType::Ingress)];
-/// The socket hooks: binds (learning UDP server ports) and the release (folding a closing
-/// socket's counts).
-pub const SOCK_PROGRAMS: [&str; 3] = [names::BIND4, names::BIND6, names::RELEASE];
+/// Before each bind (learning UDP server ports), per family.
+pub const BIND_PROGRAMS: [&str; 2] = [names::BIND4, names::BIND6];
+/// The socket hooks: the release (folding a closing socket's counts).
+pub const SOCK_PROGRAMS: [&str; 1] = [names::RELEASE];
 
 /// The maps userspace reads and writes, taken from the object once.
 pub struct Maps {
@@ -53,7 +54,7 @@ pub fn dns_event(item: &[u8]) -> Option<DnsEvent> {
 /// pinned them), configures it, loads every program, and takes the maps.
 /// With `per_socket`, established connections count in their sockets (see
 /// [`names::PER_SOCKET_COUNTS`]): the caller must then fold before every read of `flows`.
-pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16), per_socket: bool) -> Result<(Ebpf, Maps)> {
+pub fn load(max_flows: u32, pins: Option<&Pins>, per_socket: bool) -> Result<(Ebpf, Maps)> {
     raise_memlock_limit();
     let map_pins: Vec<(&str, std::path::PathBuf)> = match pins {
         Some(p) => names::MAPS.iter().map(|m| (*m, p.map(m))).collect(),
@@ -68,17 +69,16 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, ephemeral: (u16, u16), per_sock
     }
     let mut ebpf =
         loader.load(EBPF_OBJECT).context("loading the eBPF object (are you root, with BPF enabled in this kernel?)")?;
-    {
-        let mut cfg: Array<_, u32> = Array::try_from(ebpf.map_mut(names::CONFIG).context(names::CONFIG)?)?;
-        cfg.set(config::EPHEMERAL_LOW, ephemeral.0 as u32, 0)?;
-        cfg.set(config::EPHEMERAL_HIGH, ephemeral.1 as u32, 0)?;
-    }
     for (name, _) in SKB_PROGRAMS {
         let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
     }
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
+        prog.load().with_context(|| format!("loading program {name}"))?;
+    }
+    for name in BIND_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
     }
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux), needed by iterators")?;
@@ -137,7 +137,13 @@ mod tests {
             assert!(object.maps.contains_key(m), "map {m}: {:?}", object.maps.keys().collect::<Vec<_>>());
         }
         let programs: Vec<&str> = object.programs.keys().map(String::as_str).collect();
-        for p in SKB_PROGRAMS.map(|(n, _)| n).into_iter().chain(SOCK_PROGRAMS).chain(names::FOLDS.map(|(n, _)| n)) {
+        for p in SKB_PROGRAMS
+            .map(|(n, _)| n)
+            .into_iter()
+            .chain(SOCK_PROGRAMS)
+            .chain(BIND_PROGRAMS)
+            .chain(names::FOLDS.map(|(n, _)| n))
+        {
             assert!(programs.contains(&p), "program {p}: {programs:?}");
         }
         let floor = aya_obj::Object::parse(FLOOR_OBJECT).unwrap();

@@ -22,15 +22,15 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSock, cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
-        links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, cgroup_skb::CgroupSkbLinkId,
+        cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, links::FdLink,
     },
 };
 use netaudit_ebpf::{ListenKey, capacity, loss};
 
 use self::{
     decode::Clock,
-    loader::{Maps, SKB_PROGRAMS, SOCK_PROGRAMS},
+    loader::{BIND_PROGRAMS, Maps, SKB_PROGRAMS, SOCK_PROGRAMS},
     pins::{Pins, SavedState, unpin_links},
 };
 pub use self::{
@@ -93,6 +93,7 @@ struct Attached {
     dir: PathBuf,
     skb: Vec<(&'static str, CgroupSkbLinkId)>,
     sock: Vec<(&'static str, CgroupSockLinkId)>,
+    bind: Vec<(&'static str, CgroupSockAddrLinkId)>,
     pinned: Vec<PathBuf>,
 }
 
@@ -142,7 +143,7 @@ impl Capture {
                  network namespaces (CAP_SYS_ADMIN)"
             );
         }
-        let (ebpf, maps) = loader::load(config.max_flows, persisted.as_ref().map(|p| &p.pins), ephemeral, per_socket)?;
+        let (ebpf, maps) = loader::load(config.max_flows, persisted.as_ref().map(|p| &p.pins), per_socket)?;
         let mut capture = Capture {
             ebpf,
             maps,
@@ -192,47 +193,9 @@ impl Capture {
             self.maps.listen.insert(ListenKey { cgroup_id: id, port, protocol, _pad: [0; 5] }, 1, 0)?;
         }
         let cg = File::open(&dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
-        let mut links = Attached { dir: dir.clone(), skb: Vec::new(), sock: Vec::new(), pinned: Vec::new() };
-        for (name, attach) in SKB_PROGRAMS {
-            let pin = self.link_pin(id, name);
-            if pin.as_ref().is_some_and(|l| l.exists()) {
-                // Still attached by an earlier run: its program keeps counting into the same maps.
-                links.pinned.push(pin.expect("pinned"));
-                continue;
-            }
-            let prog: &mut CgroupSkb = self.ebpf.program_mut(name).context(name)?.try_into()?;
-            // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
-            let link = prog
-                .attach(&cg, attach, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", dir.display()))?;
-            match pin {
-                Some(path) => {
-                    let fd: FdLink = prog.take_link(link)?.try_into()?;
-                    fd.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-                    links.pinned.push(path);
-                }
-                None => links.skb.push((name, link)),
-            }
-        }
-        for name in SOCK_PROGRAMS {
-            let pin = self.link_pin(id, name);
-            if pin.as_ref().is_some_and(|l| l.exists()) {
-                links.pinned.push(pin.expect("pinned"));
-                continue;
-            }
-            let prog: &mut CgroupSock = self.ebpf.program_mut(name).context(name)?.try_into()?;
-            let link = prog
-                .attach(&cg, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", dir.display()))?;
-            match pin {
-                Some(path) => {
-                    let fd: FdLink = prog.take_link(link)?.try_into()?;
-                    fd.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-                    links.pinned.push(path);
-                }
-                None => links.sock.push((name, link)),
-            }
-        }
+        let mut links =
+            Attached { dir: dir.clone(), skb: Vec::new(), sock: Vec::new(), bind: Vec::new(), pinned: Vec::new() };
+        self.attach_programs(id, &cg, &mut links)?;
         tracing::debug!(cgroup = %dir.display(), id, "attached");
         self.attached.insert(id, links);
         if !self.sources.iter().any(|s| s.cgroup_id == id) {
@@ -240,6 +203,53 @@ impl Capture {
         }
         self.save_state()?;
         Ok(source)
+    }
+
+    /// Attaches every program to the cgroup `cg` (id `id`), or keeps an earlier run's pinned
+    /// links: those programs keep counting into the same maps.
+    fn attach_programs(&mut self, id: u64, cg: &File, links: &mut Attached) -> Result<()> {
+        let dir = links.dir.clone();
+        let at = |name: &str| format!("attaching {name} to {}", dir.display());
+        for (name, attach) in SKB_PROGRAMS {
+            let Some(pin) = self.unpinned(id, name, links) else { continue };
+            let prog: &mut CgroupSkb = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            // Single: cgroup links are multi-attach anyway; AllowMultiple fails on the link path.
+            let link = prog.attach(cg, attach, CgroupAttachMode::Single).with_context(|| at(name))?;
+            match pin {
+                Some(path) => links.pinned.push(pin_link(prog.take_link(link)?.try_into()?, path)?),
+                None => links.skb.push((name, link)),
+            }
+        }
+        for name in SOCK_PROGRAMS {
+            let Some(pin) = self.unpinned(id, name, links) else { continue };
+            let prog: &mut CgroupSock = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            let link = prog.attach(cg, CgroupAttachMode::Single).with_context(|| at(name))?;
+            match pin {
+                Some(path) => links.pinned.push(pin_link(prog.take_link(link)?.try_into()?, path)?),
+                None => links.sock.push((name, link)),
+            }
+        }
+        for name in BIND_PROGRAMS {
+            let Some(pin) = self.unpinned(id, name, links) else { continue };
+            let prog: &mut CgroupSockAddr = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            let link = prog.attach(cg, CgroupAttachMode::Single).with_context(|| at(name))?;
+            match pin {
+                Some(path) => links.pinned.push(pin_link(prog.take_link(link)?.try_into()?, path)?),
+                None => links.bind.push((name, link)),
+            }
+        }
+        Ok(())
+    }
+
+    /// None when `program` is still attached to cgroup `id` by an earlier run (its pinned link is
+    /// kept in `links`); else where to pin its new link, if this capture pins.
+    fn unpinned(&self, id: u64, program: &str, links: &mut Attached) -> Option<Option<PathBuf>> {
+        let pin = self.link_pin(id, program);
+        if let Some(path) = pin.as_ref().filter(|l| l.exists()) {
+            links.pinned.push(path.clone());
+            return None;
+        }
+        Some(pin)
     }
 
     /// Stops auditing a cgroup (its pod went away): detaches the programs and unpins their
@@ -253,6 +263,10 @@ impl Capture {
         }
         for (name, link) in links.sock {
             let prog: &mut CgroupSock = self.ebpf.program_mut(name).context(name)?.try_into()?;
+            prog.detach(link).with_context(|| format!("detaching {name} from {}", dir.display()))?;
+        }
+        for (name, link) in links.bind {
+            let prog: &mut CgroupSockAddr = self.ebpf.program_mut(name).context(name)?.try_into()?;
             prog.detach(link).with_context(|| format!("detaching {name} from {}", dir.display()))?;
         }
         unpin_links(&links.pinned)?;
@@ -393,10 +407,17 @@ impl Capture {
             .iter()
             .map(|&(name, _)| name)
             .chain(SOCK_PROGRAMS)
+            .chain(BIND_PROGRAMS)
             .map(|name| {
                 let info = self.ebpf.program(name).context(name)?.info()?;
                 Ok((name, info.run_time(), info.run_count()))
             })
             .collect()
     }
+}
+
+/// Pins a program's link at `path`, so it outlives this process; returns the path.
+fn pin_link(link: FdLink, path: PathBuf) -> Result<PathBuf> {
+    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+    Ok(path)
 }
