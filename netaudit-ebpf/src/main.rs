@@ -90,8 +90,8 @@ pub fn netaudit_ingress(ctx: SkBuffContext) -> i32 {
 /// A UDP socket bound to a port it asked for is a server: packets to that port belong to
 /// exchanges the peer started. Seen before the bind (the asked-for port is only visible here; a
 /// client's socket is bound to a kernel-chosen port without asking, or asks for port 0), also
-/// inside the ephemeral range. A bind that then fails leaves its port marked, which no client
-/// socket of the cgroup can be bound to meanwhile.
+/// inside the ephemeral range. A bind that then fails (the port taken) leaves the port marked:
+/// a client socket of the cgroup given that port later would be taken for a server.
 #[cgroup_sock_addr(bind4)]
 pub fn netaudit_bind4(ctx: SockAddrContext) -> i32 {
     learn_bound_port(&ctx);

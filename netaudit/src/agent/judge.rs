@@ -9,6 +9,7 @@
 //! turns is at most that late.
 
 use std::{
+    collections::hash_map::Entry,
     hash::BuildHasher,
     time::{Duration, Instant},
 };
@@ -164,13 +165,13 @@ impl Judge {
         for v in report.verdicts.drain(..) {
             let f = &subset.flows[v.index];
             let packets = f.packets.max(1);
-            match self.judged_flows.get_mut(&Key::of(f)) {
-                Some(j) => {
-                    j.packets = packets;
-                    self.verdicts[j.verdict] = v;
+            match self.judged_flows.entry(Key::of(f)) {
+                Entry::Occupied(mut j) => {
+                    j.get_mut().packets = packets;
+                    self.verdicts[j.get().verdict] = v;
                 }
-                None => {
-                    self.judged_flows.insert(Key::of(f), Judged { packets, verdict: self.verdicts.len() });
+                Entry::Vacant(j) => {
+                    j.insert(Judged { packets, verdict: self.verdicts.len() });
                     self.verdicts.push(v);
                 }
             }

@@ -44,7 +44,7 @@ pub fn flows(
     for (s, stats) in &shapes {
         let cgroup = s.cgroup.checked_sub(1).map(|rank| names[rank as usize]);
         let mut flow = s.flow(stats, clock, dns, cgroup);
-        flow.internal = !internal.is_empty() && internal.contains(&s.connection());
+        flow.internal = internal.contains(&s.connection());
         flows.push(flow);
     }
     flows
@@ -181,8 +181,9 @@ impl Clock {
     }
 }
 
+/// `t` in the flow file's time format ([`Timestamp`]).
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    Timestamp(t).to_string()
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ pub use self::{
     loader::{EBPF_OBJECT, FLOOR_OBJECT, preflight},
     pins::check_bpffs,
 };
-use crate::model::{FLOW_FILE_VERSION, FlowFile, Losses, Source, Window};
+use crate::model::{FLOW_FILE_VERSION, FlowFile, Losses, Source, Timestamp, Window};
 
 /// Default capacity of the in-kernel flow map.
 pub const DEFAULT_MAX_FLOWS: u32 = capacity::FLOWS;
@@ -127,7 +127,7 @@ impl Capture {
                 let pins = Pins::new(p);
                 pins.create()?;
                 if let Some(saved) = pins.read_state()? {
-                    started = humantime::parse_rfc3339(&saved.started).unwrap_or(started);
+                    started = saved.started.parse::<Timestamp>().map_or(started, |t| t.0);
                     dns = saved.names;
                     sources = saved.sources;
                     tracing::info!("resuming the capture pinned in {}", pins.root().display());
