@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a map key or value layout changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Who opened the connection, seen from the audited cgroup ([`FlowKey::initiator`]).
 #[repr(u8)]
@@ -54,8 +54,18 @@ pub mod names {
     pub const LOSSES: &str = "LOSSES";
     pub const DNS: &str = "DNS";
     pub const SOCKS: &str = "SOCKS";
-    /// Every map of the object (a persistent capture pins them all).
+    /// Every map a persistent capture pins (what the data path records).
     pub const MAPS: [&str; 6] = [AUDITED, FLOWS, LISTEN, LOSSES, DNS, SOCKS];
+    /// The drain's own maps, never pinned (each process drains for itself): its parameters and
+    /// results ([`super::drain`] slots), and the ring the changed flows come out on.
+    pub const DRAIN: &str = "DRAIN";
+    pub const CHANGED_FLOWS: &str = "CHANGED_FLOWS";
+    pub const DRAIN_MAPS: [&str; 2] = [DRAIN, CHANGED_FLOWS];
+    /// The program a drain runs (BPF_PROG_TEST_RUN; never attached): it walks FLOWS in the
+    /// kernel and puts out the flows changed since `DRAIN[SINCE]`, so a drain costs in
+    /// proportion to what changed. (A map-element iterator would do the same, but map
+    /// iterators are refused here: see `FOLD_TCP`.)
+    pub const CHANGED: &str = "netaudit_changed";
     /// cgroup_skb, per direction.
     pub const EGRESS: &str = "netaudit_egress";
     pub const INGRESS: &str = "netaudit_ingress";
@@ -94,6 +104,8 @@ pub mod capacity {
     pub const LISTEN: u32 = 8192;
     /// The DNS answers' ring buffer, bytes.
     pub const DNS_RING_BYTES: u32 = 256 * 1024;
+    /// The changed flows' ring buffer, bytes (a capture sizes it to its flow map at load).
+    pub const CHANGED_RING_BYTES: u32 = 1024 * 1024;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -141,6 +153,10 @@ pub struct FlowStats {
     pub last_ns: u64,
     /// Distinct sockets (TCP connections, connected UDP sockets) seen for this flow.
     pub connections: u64,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the last change to these counters (a packet or
+    /// a fold): a drain reads only the flows changed since the one before ([`names::CHANGED`]).
+    /// Not `last_ns`, which a fold sets to an earlier packet's time.
+    pub updated_ns: u64,
 }
 
 /// Ports on which the audited cgroup accepts connections: a packet on such a local port belongs
@@ -194,6 +210,23 @@ pub struct Pending {
     /// CLOCK_MONOTONIC (coarse) nanoseconds of the first packet counted here since the last
     /// fold (a clock read per packet would be the fast path's costliest step); 0 when none.
     pub last_ns: u64,
+}
+
+/// One changed flow as [`names::CHANGED`] puts it out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ChangedFlow {
+    pub key: FlowKey,
+    pub stats: FlowStats,
+}
+
+/// The slots of the `DRAIN` array.
+pub mod drain {
+    /// In: the coarse monotonic time from which a change counts (0: every flow).
+    pub const SINCE: u32 = 0;
+    /// Out: non-zero when the changed flows did not fit the ring (read the whole map instead).
+    pub const OVERFLOWED: u32 = 1;
+    pub const SLOTS: u32 = 2;
 }
 
 /// Largest DNS message prefix copied to userspace.

@@ -25,16 +25,17 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_sk_fullsock, bpf_sk_storage_get,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
+        bpf_for_each_map_elem, bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
+        bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use netaudit_ebpf::{
-    DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, Family, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, Memo, SockState, capacity, loss,
+    ChangedFlow, DNS_CAPTURE_LEN, DNS_PORT, DnsEvent, Family, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Initiator, ListenKey, MAX_CGROUP_LEVEL, Memo, SockState, capacity, drain,
+    loss,
 };
 
 const PASS: i32 = 1;
@@ -68,6 +69,14 @@ static PER_SOCKET_COUNTS: u8 = 0;
 
 #[map]
 static DNS: RingBuf = RingBuf::with_byte_size(capacity::DNS_RING_BYTES, 0);
+
+/// The drain's parameters and results ([`drain`] slots).
+#[map]
+static DRAIN: Array<u64> = Array::with_max_entries(drain::SLOTS, 0);
+
+/// The flows changed since `DRAIN[SINCE]`, put out by [`netaudit_changed`].
+#[map]
+static CHANGED_FLOWS: RingBuf = RingBuf::with_byte_size(capacity::CHANGED_RING_BYTES, 0);
 
 /// Per-socket memo of the flow key and the counts not yet folded, so an established
 /// connection's packets cost one storage lookup and two atomic adds (or, with per-socket counting
@@ -118,6 +127,58 @@ pub fn netaudit_release(ctx: SockContext) -> i32 {
         fold(memo);
     }
     PASS
+}
+
+/// Run by userspace at every drain (BPF_PROG_TEST_RUN, never attached to a cgroup): puts out
+/// every flow changed since `DRAIN[SINCE]` on CHANGED_FLOWS, walking FLOWS in the kernel, so a
+/// drain reads in proportion to what changed, not to the map. When the ring is full it stops
+/// and sets `DRAIN[OVERFLOWED]`: userspace then reads the whole map.
+#[cgroup_skb]
+pub fn netaudit_changed(_ctx: SkBuffContext) -> i32 {
+    let Some(since) = DRAIN.get(drain::SINCE) else { return PASS };
+    let mut walk = ChangedWalk { since: *since, overflowed: 0 };
+    let flows = ptr::from_ref(&FLOWS).cast_mut().cast();
+    let callback = changed_flow as *mut c_void;
+    // SAFETY: FLOWS is a hash map, `changed_flow` a callback of the helper's signature, and
+    // `walk` a stack value the callback alone uses while the helper runs.
+    unsafe { bpf_for_each_map_elem(flows, callback, ptr::from_mut(&mut walk).cast(), 0) };
+    if walk.overflowed != 0
+        && let Some(slot) = DRAIN.get_ptr_mut(drain::OVERFLOWED)
+    {
+        // SAFETY: the array's own slot, valid while the program runs.
+        unsafe { *slot = 1 };
+    }
+    PASS
+}
+
+/// The walk's state, on [`netaudit_changed`]'s stack.
+#[repr(C)]
+struct ChangedWalk {
+    since: u64,
+    overflowed: u64,
+}
+
+/// One FLOWS entry of the walk: put out when changed. Returns 1 (stop) once the ring is full.
+#[inline(never)]
+extern "C" fn changed_flow(
+    _map: *mut c_void,
+    key: *const FlowKey,
+    stats: *const FlowStats,
+    walk: *mut ChangedWalk,
+) -> i64 {
+    // SAFETY: the helper passes this entry's key and value and the caller's `walk`, all valid
+    // for the call.
+    unsafe {
+        if (*stats).updated_ns < (*walk).since {
+            return 0;
+        }
+        let record = ChangedFlow { key: *key, stats: *stats };
+        if CHANGED_FLOWS.output::<ChangedFlow>(&record, 0).is_err() {
+            (*walk).overflowed = 1;
+            return 1;
+        }
+    }
+    0
 }
 
 /// The start of a tcp or udp iterator's context (`struct bpf_iter__tcp`, `bpf_iter__udp`): one
@@ -564,10 +625,16 @@ fn fold(memo: *mut SockState) {
             first_ns: last,
             last_ns: last,
             connections: 0,
+            updated_ns: 0,
         };
         delta
     };
-    if delta.packets_out != 0 || delta.packets_in != 0 {
+    // Bytes too: a packet racing the exchanges may leave its bytes for the next fold.
+    if delta.packets_out != 0 || delta.packets_in != 0 || delta.bytes_out != 0 || delta.bytes_in != 0 {
+        // A fold is a change now (`last_ns` is an earlier packet's time). The fine clock: the
+        // iterators may not read the coarse one; it is the same clock, at most a tick ahead.
+        // SAFETY: a helper without arguments.
+        let delta = FlowStats { updated_ns: unsafe { bpf_ktime_get_ns() }, ..delta };
         // SAFETY: as above; the key is read in place (a copy would cost the stack).
         merge(unsafe { &(*memo).key }, &delta);
     }
@@ -610,6 +677,7 @@ fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) -> bool {
         first_ns: now,
         last_ns: now,
         connections: new_connection as u64,
+        updated_ns: now,
     };
     merge(key, &delta)
 }
@@ -658,6 +726,9 @@ fn add(stats: *mut FlowStats, delta: &FlowStats) {
         }
         if (*stats).last_ns < delta.last_ns {
             (*stats).last_ns = delta.last_ns;
+        }
+        if (*stats).updated_ns < delta.updated_ns {
+            (*stats).updated_ns = delta.updated_ns;
         }
     }
 }

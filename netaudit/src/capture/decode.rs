@@ -21,33 +21,145 @@ use crate::model::{Direction, Endpoint, Flow, Protocol, Timestamp};
 /// `cgroups` names each audited cgroup id; entries with values this build does not know
 /// (another layout) are skipped. A drain holds up to a full map, so the entries are merged and
 /// sorted by their [`Shape`]s (integers), and only the flows kept are built, in their order.
-pub fn flows(
-    entries: &[(FlowKey, FlowStats)],
+pub fn flows<'a>(
+    entries: impl IntoIterator<Item = (&'a FlowKey, &'a FlowStats)>,
     clock: &Clock,
     dns: &DnsNames,
     cgroups: &BTreeMap<u64, Arc<str>>,
 ) -> Vec<Flow> {
-    let mut names: Vec<(&Arc<str>, u64)> = cgroups.iter().map(|(id, name)| (name, *id)).collect();
-    names.sort();
-    // Each cgroup's rank in name order, from 1 (0: not an audited cgroup).
-    let by_id: HashMap<u64, u32> = names.iter().zip(1..).map(|((_, id), rank)| (*id, rank)).collect();
-    let cgroup = |key: &FlowKey| by_id.get(&key.cgroup_id);
-    // Sorted with their counters, so the flows are then built reading memory in order.
-    let mut shapes: Vec<(Shape, FlowStats)> = (entries.iter())
-        .filter_map(|(key, stats)| Some((Shape::of(key, cgroup(key).copied().unwrap_or(0))?, *stats)))
-        .collect();
-    let internal = internal_connections(&shapes);
-    shapes.retain(|(s, _)| s.direction != Initiator::Remote as u8 || !internal.contains(&s.connection()));
-    shapes.sort_unstable_by_key(|(s, _)| *s);
-    let names: Vec<&Arc<str>> = names.iter().map(|(name, _)| *name).collect();
-    let mut flows = Vec::with_capacity(shapes.len());
-    for (s, stats) in &shapes {
-        let cgroup = s.cgroup.checked_sub(1).map(|rank| names[rank as usize]);
-        let mut flow = s.flow(stats, clock, dns, cgroup);
-        flow.internal = internal.contains(&s.connection());
-        flows.push(flow);
+    let mut decoded = Decoded::default();
+    decoded.decode_all(entries, clock, dns, &Ranks::of(cgroups));
+    decoded.flows
+}
+
+/// Each audited cgroup's rank in name order, from 1 (0: not an audited cgroup), and its name.
+struct Ranks<'c> {
+    by_id: HashMap<u64, u32>,
+    names: Vec<&'c Arc<str>>,
+}
+
+impl<'c> Ranks<'c> {
+    fn of(cgroups: &'c BTreeMap<u64, Arc<str>>) -> Ranks<'c> {
+        let mut names: Vec<(&Arc<str>, u64)> = cgroups.iter().map(|(id, name)| (name, *id)).collect();
+        names.sort();
+        let by_id = names.iter().zip(1..).map(|((_, id), rank)| (*id, rank)).collect();
+        Ranks { by_id, names: names.into_iter().map(|(name, _)| name).collect() }
     }
-    flows
+
+    fn shape(&self, key: &FlowKey) -> Option<Shape> {
+        Shape::of(key, self.by_id.get(&key.cgroup_id).copied().unwrap_or(0))
+    }
+
+    fn name(&self, s: &Shape) -> Option<&'c Arc<str>> {
+        s.cgroup.checked_sub(1).map(|rank| self.names[rank as usize])
+    }
+}
+
+/// The flows of the last drain, kept so the next drain's few changed entries update them in
+/// place: a look at a full map with 1 % changed decodes 1 %, not the map.
+#[derive(Default)]
+pub struct Decoded {
+    /// The flows' shapes, sorted; `flows[i]` is `shapes[i]`'s.
+    shapes: Vec<Shape>,
+    flows: Vec<Flow>,
+    /// The connections recorded at both ends (see [`internal_connections`]).
+    internal: HashSet<Shape>,
+    /// What the flows were decoded with: the audited cgroups and how many DNS names were known.
+    basis: Option<(Vec<(u64, Arc<str>)>, usize)>,
+}
+
+impl Decoded {
+    /// The flows after a drain: `changed` are the entries that changed since the last call
+    /// (None: every entry may have, decode `entries`, the whole map, again). Decodes everything
+    /// also when the cgroups or the DNS names moved, or a change makes a connection internal.
+    pub fn update<'a, I>(
+        &mut self,
+        entries: impl FnOnce() -> I,
+        changed: Option<&[(FlowKey, FlowStats)]>,
+        clock: &Clock,
+        dns: &DnsNames,
+        cgroups: &BTreeMap<u64, Arc<str>>,
+    ) -> &[Flow]
+    where
+        I: IntoIterator<Item = (&'a FlowKey, &'a FlowStats)>,
+    {
+        let ranks = Ranks::of(cgroups);
+        let basis = Some((cgroups.iter().map(|(id, n)| (*id, n.clone())).collect(), dns.len()));
+        let in_place = self.basis == basis && changed.is_some_and(|c| self.apply(c, clock, dns, &ranks));
+        if !in_place {
+            self.decode_all(entries(), clock, dns, &ranks);
+        }
+        self.basis = basis;
+        &self.flows
+    }
+
+    fn decode_all<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = (&'a FlowKey, &'a FlowStats)>,
+        clock: &Clock,
+        dns: &DnsNames,
+        ranks: &Ranks<'_>,
+    ) {
+        // Sorted with their counters, so the flows are then built reading memory in order.
+        let mut shapes: Vec<(Shape, FlowStats)> =
+            entries.into_iter().filter_map(|(key, stats)| Some((ranks.shape(key)?, *stats))).collect();
+        let internal = internal_connections(&shapes);
+        shapes.retain(|(s, _)| s.direction != Initiator::Remote as u8 || !internal.contains(&s.connection()));
+        shapes.sort_unstable_by_key(|(s, _)| *s);
+        self.flows = shapes.iter().map(|(s, stats)| s.flow_of(stats, clock, dns, ranks, &internal)).collect();
+        self.shapes = shapes.into_iter().map(|(s, _)| s).collect();
+        self.internal = internal;
+    }
+
+    /// Applies changed entries in place. False when one cannot be (a new flow whose other end
+    /// is known: a new internal connection; a shape two entries share): decode everything.
+    fn apply(&mut self, changed: &[(FlowKey, FlowStats)], clock: &Clock, dns: &DnsNames, ranks: &Ranks<'_>) -> bool {
+        let mut new = Vec::new();
+        for (key, stats) in changed {
+            let Some(s) = ranks.shape(key) else { continue };
+            if s.direction == Initiator::Remote as u8 && self.internal.contains(&s.connection()) {
+                continue;
+            }
+            match self.shapes.binary_search(&s) {
+                Ok(i) if self.shapes.get(i + 1) == Some(&s) || (i > 0 && self.shapes[i - 1] == s) => return false,
+                Ok(i) => self.flows[i] = s.flow_of(stats, clock, dns, ranks, &self.internal),
+                Err(_) => new.push((s, *stats)),
+            }
+        }
+        if new.is_empty() {
+            return true;
+        }
+        let other_end = |s: &Shape| Shape { direction: s.direction ^ 1, ..*s };
+        let new_shapes: HashSet<Shape> = new.iter().map(|(s, _)| *s).collect();
+        let twinned =
+            |s: &Shape| self.shapes.binary_search(&other_end(s)).is_ok() || new_shapes.contains(&other_end(s));
+        if new_shapes.len() != new.len() || new.iter().any(|(s, _)| s.cgroup == 0 || twinned(s)) {
+            return false;
+        }
+        new.sort_unstable_by_key(|(s, _)| *s);
+        self.merge(new, clock, dns, ranks);
+        true
+    }
+
+    /// Merges new flows (sorted, none known) into the sorted ones.
+    fn merge(&mut self, new: Vec<(Shape, FlowStats)>, clock: &Clock, dns: &DnsNames, ranks: &Ranks<'_>) {
+        let n = self.shapes.len() + new.len();
+        let (mut shapes, mut flows) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut old = std::mem::take(&mut self.shapes).into_iter().zip(std::mem::take(&mut self.flows)).peekable();
+        for (s, stats) in new {
+            while let Some((o, f)) = old.next_if(|(o, _)| *o < s) {
+                shapes.push(o);
+                flows.push(f);
+            }
+            flows.push(s.flow_of(&stats, clock, dns, ranks, &self.internal));
+            shapes.push(s);
+        }
+        for (o, f) in old {
+            shapes.push(o);
+            flows.push(f);
+        }
+        (self.shapes, self.flows) = (shapes, flows);
+    }
 }
 
 /// A flow map key as integers, in the order flows sort (the fields' order) and without
@@ -106,6 +218,20 @@ impl Shape {
         } else {
             IpAddr::V6(Ipv6Addr::from(addr))
         }
+    }
+
+    /// The flow, marked internal when its connection is.
+    fn flow_of(
+        &self,
+        stats: &FlowStats,
+        clock: &Clock,
+        dns: &DnsNames,
+        ranks: &Ranks<'_>,
+        internal: &HashSet<Shape>,
+    ) -> Flow {
+        let mut flow = self.flow(stats, clock, dns, ranks.name(self));
+        flow.internal = internal.contains(&self.connection());
+        flow
     }
 
     /// The flow, counted by `stats`, in `cgroup`.
@@ -213,7 +339,7 @@ mod tests {
         .collect();
         let clock = Clock { wall: SystemTime::UNIX_EPOCH, mono_ns: 0 };
         let cgroups = BTreeMap::from([(7, Arc::from("/cg"))]);
-        let flows = flows(&entries, &clock, &DnsNames::default(), &cgroups);
+        let flows = flows(entries.iter().map(|(k, v)| (k, v)), &clock, &DnsNames::default(), &cgroups);
         let got: Vec<_> = flows.iter().map(|f| (f.direction, f.src.ip.to_string(), f.internal)).collect();
         assert_eq!(
             got,
@@ -224,6 +350,39 @@ mod tests {
             ]
         );
         assert!(flows.iter().all(|f| f.cgroup.as_deref() == Some("/cg")));
+    }
+
+    /// Updating the last drain's flows with the changed entries gives what decoding the whole
+    /// map gives: counters grown, new flows in their place, a new internal connection.
+    #[test]
+    fn changes_applied_in_place_equal_a_whole_decode() {
+        let clock = Clock { wall: SystemTime::UNIX_EPOCH, mono_ns: 0 };
+        let (dns, cgroups) = (DnsNames::default(), BTreeMap::from([(7, Arc::from("/cg"))]));
+        let stats = |n: u64| FlowStats { packets_out: n, bytes_out: 10 * n, updated_ns: n, ..FlowStats::default() };
+        let mut map: BTreeMap<[u8; 4], (FlowKey, FlowStats)> = BTreeMap::new();
+        let mut decoded = Decoded::default();
+        let mut step = |map: &mut BTreeMap<[u8; 4], (FlowKey, FlowStats)>, changes: Vec<(FlowKey, FlowStats)>| {
+            for (k, v) in &changes {
+                map.insert([k.remote_addr[0], k.remote_addr[3], k.initiator, k.local_addr[3]], (*k, *v));
+            }
+            let entries = || map.values().map(|(k, v)| (k, v));
+            let got = decoded.update(entries, Some(&changes), &clock, &dns, &cgroups).to_vec();
+            assert_eq!(got, flows(entries(), &clock, &dns, &cgroups));
+            got
+        };
+        let egress = |last: u8, port| tcp_key(Initiator::Local, [192, 0, 2, 5], [198, 51, 100, last], port);
+        let first: Vec<_> = (10..20).map(|i| (egress(i, 443), stats(1))).collect();
+        assert_eq!(step(&mut map, first).len(), 10);
+        // Grown, and new ones before, between and after the known.
+        let next = vec![(egress(12, 443), stats(5)), (egress(1, 443), stats(1)), (egress(30, 80), stats(1))];
+        let got = step(&mut map, next);
+        assert_eq!((got.len(), got.iter().map(|f| f.packets).sum::<u64>()), (12, 16));
+        // Both ends of a loopback connection, one drain after the other: one internal flow.
+        let lo = |initiator| tcp_key(initiator, [127, 0, 0, 1], [127, 0, 0, 1], 8080);
+        step(&mut map, vec![(lo(Initiator::Remote), stats(2))]);
+        let got = step(&mut map, vec![(lo(Initiator::Local), stats(2))]);
+        assert_eq!(got.iter().filter(|f| f.internal).count(), 1);
+        assert_eq!(step(&mut map, vec![(lo(Initiator::Remote), stats(3))]).len(), 13);
     }
 
     fn key(family: u8, initiator: u8, local: [u8; 16], remote: [u8; 16]) -> FlowKey {
@@ -249,6 +408,7 @@ mod tests {
             first_ns: 1_000,
             last_ns: 2_000,
             connections: 1,
+            updated_ns: 2_000,
         };
         let clock = Clock { wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000), mono_ns: 2_000 };
         let dns = DnsNames::default();

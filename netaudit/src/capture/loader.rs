@@ -6,12 +6,12 @@ use std::os::fd::AsFd;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Iter},
 };
 use netaudit_ebpf::{DnsEvent, FlowKey, FlowStats, ListenKey, names};
 
-use super::{fold::Folder, pins::Pins};
+use super::{drain::ring_bytes, fold::Folder, pins::Pins};
 
 /// The kernel object built by build.rs from `netaudit-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netaudit-ebpf"));
@@ -39,6 +39,9 @@ pub struct Maps {
     pub dns: RingBuf<MapData>,
     /// The fold iterators: run them before reading `flows`.
     pub fold: Folder,
+    /// The drain's parameters and results, and the ring its walk puts the changed flows on.
+    pub drain: Array<MapData, u64>,
+    pub changed: RingBuf<MapData>,
 }
 
 /// What the size of [`DnsEvent`] says about a ring buffer item: whole, or cut short.
@@ -63,6 +66,7 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, per_socket: bool) -> Result<(Eb
     let per_socket = per_socket as u8;
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(names::FLOWS, max_flows.max(1));
+    loader.map_max_entries(names::CHANGED_FLOWS, ring_bytes(max_flows));
     loader.override_global(names::PER_SOCKET_COUNTS, &per_socket, true);
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
@@ -73,6 +77,8 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, per_socket: bool) -> Result<(Eb
         let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
     }
+    let walk: &mut CgroupSkb = ebpf.program_mut(names::CHANGED).context(names::CHANGED)?.try_into()?;
+    walk.load().with_context(|| format!("loading program {}", names::CHANGED))?;
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
@@ -101,6 +107,8 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, per_socket: bool) -> Result<(Eb
         losses: PerCpuArray::try_from(take(names::LOSSES)?)?,
         dns: RingBuf::try_from(take(names::DNS)?)?,
         fold,
+        drain: Array::try_from(take(names::DRAIN)?)?,
+        changed: RingBuf::try_from(take(names::CHANGED_FLOWS)?)?,
     };
     Ok((ebpf, maps))
 }
@@ -133,7 +141,7 @@ mod tests {
     #[test]
     fn the_object_has_every_named_map_and_program() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
-        for m in names::MAPS {
+        for m in names::MAPS.into_iter().chain(names::DRAIN_MAPS) {
             assert!(object.maps.contains_key(m), "map {m}: {:?}", object.maps.keys().collect::<Vec<_>>());
         }
         let programs: Vec<&str> = object.programs.keys().map(String::as_str).collect();
@@ -143,6 +151,7 @@ mod tests {
             .chain(SOCK_PROGRAMS)
             .chain(BIND_PROGRAMS)
             .chain(names::FOLDS.map(|(n, _)| n))
+            .chain([names::CHANGED])
         {
             assert!(programs.contains(&p), "program {p}: {programs:?}");
         }

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod decode;
 pub mod dns;
+pub mod drain;
 pub mod fold;
 pub mod loader;
 pub mod pins;
@@ -26,7 +27,7 @@ use aya::{
         cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, links::FdLink,
     },
 };
-use netaudit_ebpf::{ListenKey, capacity, loss};
+use netaudit_ebpf::{ListenKey, capacity, loss, names};
 
 use self::{
     decode::Clock,
@@ -86,6 +87,9 @@ pub struct Capture {
     mount: PathBuf,
     /// Whether connections count in their sockets (then every read of FLOWS folds first).
     per_socket: bool,
+    /// FLOWS as of the last drain, and its flows.
+    mirror: drain::Mirror,
+    decoded: decode::Decoded,
 }
 
 /// One audited cgroup's links: owned by the programs, or pinned (persistent captures).
@@ -155,6 +159,8 @@ impl Capture {
             ephemeral,
             mount,
             per_socket,
+            mirror: drain::Mirror::default(),
+            decoded: decode::Decoded::default(),
         };
         for dir in &dirs {
             capture.add_cgroup(dir)?;
@@ -352,12 +358,25 @@ impl Capture {
         self.poll()?;
         let by_id: BTreeMap<u64, Arc<str>> =
             self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str().into())).collect();
+        let began = drain::Mirror::begin();
         if self.per_socket {
             let namespaces = fold::network_namespaces(self.attached.values().map(|a| a.dir.as_path()));
             self.maps.fold.run(&namespaces)?;
         }
-        let entries = sys::read_hash_map(&self.maps.flows).context("reading the flow map (BPF_MAP_LOOKUP_BATCH)")?;
-        let flows = decode::flows(&entries, &Clock::now(), &self.dns, &by_id);
+        let walk: &CgroupSkb = self.ebpf.program(names::CHANGED).context(names::CHANGED)?.try_into()?;
+        let maps = drain::DrainMaps {
+            flows: &self.maps.flows,
+            drain: &mut self.maps.drain,
+            changed: &mut self.maps.changed,
+            walk,
+        };
+        let changed = match self.mirror.drain(maps, began)? {
+            drain::Drained::Whole => None,
+            drain::Drained::Changed(changed) => Some(changed),
+        };
+        let mirror = &self.mirror;
+        let flows =
+            self.decoded.update(|| mirror.entries(), changed.as_deref(), &Clock::now(), &self.dns, &by_id).to_vec();
         Ok(FlowFile {
             version: FLOW_FILE_VERSION,
             window: Some(Window { start: rfc3339(self.started), end: rfc3339(SystemTime::now()) }),
