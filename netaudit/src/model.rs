@@ -377,6 +377,14 @@ impl FlowFile {
         }
     }
 
+    /// The flows recorded under `cgroups` (one pod's), with their sources, as a file of their own.
+    pub fn of_cgroups(&self, cgroups: &[String]) -> FlowFile {
+        let of = |c: Option<&str>| c.is_some_and(|c| cgroups.iter().any(|x| x == c));
+        let flows = self.flows.iter().filter(|f| of(f.cgroup.as_deref())).cloned().collect();
+        let sources = self.sources.iter().filter(|s| of(Some(&s.cgroup))).cloned().collect();
+        FlowFile { flows, sources, ..self.clone_header() }
+    }
+
     /// One file from several (pods, nodes, replicas): flows side by side, losses summed, the
     /// window spanning all of them.
     pub fn merge(files: impl IntoIterator<Item = FlowFile>) -> FlowFile {

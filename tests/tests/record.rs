@@ -1,7 +1,10 @@
 //! Real-kernel tests of the capture path: the programs are loaded into this kernel, attached to
 //! a fresh cgroup, and real traffic flows between network namespaces the test creates.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use netaudit::{
     capture::{Capture, CaptureConfig},
@@ -241,6 +244,54 @@ fn a_full_flow_map_counts_losses() {
     assert_eq!(file.losses.flows, 3, "{:?}", file.losses);
     assert_eq!(file.losses.packets, 3);
     assert_eq!(file.losses.bytes, 3 * 29);
+}
+
+/// A drain reads only the flows changed since the one before, and the whole map when more
+/// changed than its ring holds: exact counts either way, every flow kept.
+#[test]
+fn drains_that_read_only_what_changed_keep_every_flow_exact() {
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let cg = test_cgroup().unwrap();
+    // 16384 flows: the changed-flows ring holds about 2 000 of them.
+    let config = CaptureConfig { max_flows: 16384, ..CaptureConfig::new(vec![cg.path.clone()]) };
+    let mut capture = Capture::start(&config).unwrap();
+    let send = |base: u32, n: u32| {
+        let args = ["udp-ports", PEER_V4, &base.to_string(), &n.to_string()];
+        helper(&lab.pod, Some(&cg.path), &args).unwrap().finish().unwrap();
+    };
+    let packets = |file: &FlowFile| -> BTreeMap<u16, u64> {
+        file.flows.iter().map(|f| (f.dst.port.unwrap(), f.packets_from_src)).collect()
+    };
+    // A drain also reads again what changed just before the one before (a margin of
+    // milliseconds): each waits past it, so the next reads only what is sent after.
+    let mut drain = || {
+        std::thread::sleep(Duration::from_millis(50));
+        packets(&capture.snapshot().unwrap())
+    };
+    send(10000, 3000);
+    assert_eq!(drain(), (10000..13000).map(|p| (p, 1)).collect());
+    // A few changed, some new (read from the ring)...
+    send(10000, 10);
+    send(12990, 20);
+    let mut want: BTreeMap<u16, u64> = (10000..13010).map(|p| (p, 1)).collect();
+    for p in (10000..10010).chain(12990..13000) {
+        *want.get_mut(&p).unwrap() += 1;
+    }
+    assert_eq!(drain(), want);
+    // ...then more than the ring holds (the whole map is read).
+    send(10000, 3000);
+    for p in 10000..13000 {
+        *want.get_mut(&p).unwrap() += 1;
+    }
+    assert_eq!(drain(), want);
+    send(11000, 5);
+    for p in 11000..11005 {
+        *want.get_mut(&p).unwrap() += 1;
+    }
+    assert_eq!(packets(&capture.stop().unwrap()), want);
 }
 
 #[test]

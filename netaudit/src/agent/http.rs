@@ -25,8 +25,8 @@ use crate::model::FlowFile;
 pub struct Published {
     /// All audited pods' flows.
     pub flows: Arc<FlowFile>,
-    /// Per pod (`namespace/name`): its flows.
-    pub pods: BTreeMap<String, Arc<FlowFile>>,
+    /// Per pod (`namespace/name`): the cgroups its flows are under (in `flows`).
+    pub pods: BTreeMap<String, Vec<String>>,
     /// Watch mode: the judge, whose verdicts make the report.
     pub judge: Option<Arc<Mutex<Judge>>>,
     /// Why the agent is not ready (its first lists have not arrived), if it is not.
@@ -90,7 +90,7 @@ fn flows_route(path: &str, shared: &Shared) -> Response<Full<Bytes>> {
             }
         }
         _ => match path.strip_prefix("/flows/").and_then(|id| p.pods.get(id)) {
-            Some(f) => reply(StatusCode::OK, json, f.to_json()),
+            Some(cgroups) => reply(StatusCode::OK, json, p.flows.of_cgroups(cgroups).to_json()),
             None => {
                 let pods: Vec<&str> = p.pods.keys().map(String::as_str).collect();
                 reply(

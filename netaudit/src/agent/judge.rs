@@ -18,6 +18,7 @@ use foldhash::{HashMap, HashMapExt, fast::FixedState};
 
 use super::drift::{Alert, Detector};
 use crate::{
+    capture::Changed,
     chart::{Chart, Release, Values},
     check::{Check, FlowVerdict, Report},
     error::InputError,
@@ -111,6 +112,17 @@ pub struct Judge {
     judged: Option<(Generations, Instant)>,
     /// The last report's parts that are not per flow (summary, lint, unused rows, notes).
     last: Option<Report>,
+    /// The capture's sequence number of the snapshot last judged whole.
+    last_snapshot: Option<u64>,
+}
+
+/// What a look judges against: the inventory and the policies in the cluster, and their
+/// generations.
+#[derive(Clone, Copy)]
+pub struct Against<'a> {
+    pub inventory: &'a Inventory,
+    pub policies: &'a [Policy],
+    pub generations: Generations,
 }
 
 /// One look's result.
@@ -123,20 +135,24 @@ pub struct Look {
 impl Judge {
     pub fn new(values: Option<Values>, matrix: Matrix, detector: Detector) -> Judge {
         let (judged_flows, verdicts) = (HashMap::new(), Vec::new());
-        Judge { values, matrix, detector, judged_flows, verdicts, in_force: None, judged: None, last: None }
+        let (in_force, judged, last, last_snapshot) = (None, None, None, None);
+        Judge { values, matrix, detector, judged_flows, verdicts, in_force, judged, last, last_snapshot }
     }
 
-    /// Judges what changed in `file` against `inventory` and `policies`; `audited` are the pods
-    /// the flows come from (the chart's release is read from them).
+    /// Judges what changed in `file`; `audited` are the pods the flows come from (the chart's
+    /// release is read from them). `changed`, the capture's word on which flows changed since
+    /// its snapshot before, spares looking every flow up when that snapshot was the last one
+    /// judged.
     pub fn look<'p>(
         &mut self,
         file: &FlowFile,
-        inventory: &Inventory,
-        policies: &[Policy],
-        generations: Generations,
+        changed: Option<&Changed>,
+        against: Against<'_>,
         audited: impl IntoIterator<Item = &'p PodInfo>,
         now: Instant,
     ) -> Result<Look, InputError> {
+        let Against { inventory, policies, generations } = against;
+        let last_snapshot = self.last_snapshot.take();
         let everything = match self.judged {
             None => true,
             Some((g, _)) if g.policies != generations.policies => true,
@@ -147,14 +163,15 @@ impl Judge {
             self.verdicts.clear();
             self.judged = Some((generations, now));
         }
-        let changed: Vec<_> = (file.flows.iter())
-            .filter(|f| self.judged_flows.get(&Key::of(f)).is_none_or(|j| j.packets < f.packets.max(1)))
-            .cloned()
-            .collect();
-        if changed.is_empty() {
+        let hint = changed.filter(|c| !everything && last_snapshot.is_some_and(|s| c.seq == s + 1));
+        let to_judge = self.to_judge(file, hint.and_then(|c| c.flows.as_deref()));
+        // Kept only once this look's verdicts are: an error leaves the next look to look all.
+        let seq = changed.map(|c| c.seq);
+        if to_judge.is_empty() {
+            self.last_snapshot = seq;
             return Ok(Look { alerts: Vec::new(), judged: 0 });
         }
-        let subset = FlowFile { flows: changed, sources: Vec::new(), ..file.clone_header() };
+        let subset = FlowFile { flows: to_judge, sources: Vec::new(), ..file.clone_header() };
         let mut audited = audited.into_iter().peekable();
         let fallback = audited.peek().map_or("default".to_string(), |p| p.namespace.clone());
         let (release, _) = Release::infer(None, None, audited, &fallback);
@@ -178,7 +195,18 @@ impl Judge {
         }
         let judged = subset.flows.len();
         self.last = Some(report);
+        self.last_snapshot = seq;
         Ok(Look { alerts, judged })
+    }
+
+    /// The flows of `file` new or grown since judged: of `changed` (indexes into `file`) when
+    /// the capture said which changed, else of every flow.
+    fn to_judge(&self, file: &FlowFile, changed: Option<&[usize]>) -> Vec<Flow> {
+        let unjudged = |f: &&Flow| self.judged_flows.get(&Key::of(f)).is_none_or(|j| j.packets < f.packets.max(1));
+        match changed {
+            Some(indexes) => indexes.iter().filter_map(|&i| file.flows.get(i)).filter(unjudged).cloned().collect(),
+            None => file.flows.iter().filter(unjudged).cloned().collect(),
+        }
     }
 
     /// The report over every flow of `file` judged so far, in its order (for `/report`): built
@@ -219,7 +247,8 @@ mod tests {
         let g = Generations { inventory: 1, policies: 1 };
         let look = |j: &mut Judge, flows: &[Flow], g, t| {
             let file = FlowFile::new(flows.to_vec());
-            j.look(&file, &inv, &[], g, std::iter::empty(), t).unwrap()
+            let against = Against { inventory: &inv, policies: &[], generations: g };
+            j.look(&file, None, against, std::iter::empty(), t).unwrap()
         };
         let mut flows = vec![flow("192.0.2.7", 443, 3), flow("192.0.2.8", 443, 1)];
         let first = look(&mut j, &flows, g, t0);
@@ -240,5 +269,26 @@ mod tests {
         let report = j.report(&FlowFile::new(flows.clone())).unwrap();
         let indexes: Vec<usize> = report.verdicts.iter().map(|v| v.index).collect();
         assert_eq!((indexes, report.summary.cut, report.summary.flows), (vec![0, 1, 2], 3, 3));
+    }
+
+    /// With the capture's word on what changed since its snapshot before, only those flows are
+    /// looked at; after a snapshot the judge did not see, every flow is again.
+    #[test]
+    fn the_captures_changed_flows_are_looked_at_when_it_follows_the_last_judged_snapshot() {
+        let (mut j, _dir) = judge();
+        let inv = Inventory::default();
+        let against =
+            Against { inventory: &inv, policies: &[], generations: Generations { inventory: 1, policies: 1 } };
+        let mut look = |flows: &[Flow], seq, changed: Option<Vec<usize>>| {
+            let file = FlowFile::new(flows.to_vec());
+            let changed = Changed { seq, flows: changed };
+            j.look(&file, Some(&changed), against, std::iter::empty(), Instant::now()).unwrap().judged
+        };
+        let mut flows = vec![flow("192.0.2.7", 443, 3), flow("192.0.2.8", 443, 1)];
+        assert_eq!(look(&flows, 1, None), 2);
+        flows[0] = flow("192.0.2.7", 443, 4);
+        flows[1] = flow("192.0.2.8", 443, 2);
+        assert_eq!(look(&flows, 2, Some(vec![1])), 1, "only the flow the capture says changed");
+        assert_eq!(look(&flows, 4, Some(vec![])), 1, "snapshot 3 was not judged: every flow is looked at");
     }
 }

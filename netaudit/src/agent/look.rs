@@ -16,11 +16,11 @@ use super::{
     attach::TICK,
     cluster::{LiveInventory, PodRef},
     events::Recorder,
-    judge::{Generations, Judge},
+    judge::{Against, Generations, Judge},
     metrics::{LossLabels, Metrics, ProgramLabels},
     run::Common,
 };
-use crate::{inventory::Inventory, model::FlowFile, policy::Policy};
+use crate::{capture::Changed, inventory::Inventory, model::FlowFile, policy::Policy};
 
 /// Watch mode's record of the flows already judged, in the state directory.
 pub const SEEN_FILE: &str = "agent-seen.json";
@@ -30,8 +30,9 @@ const SEEN_SAVE_PERIOD: Duration = Duration::from_secs(30);
 pub struct Looked {
     /// All audited pods' flows.
     pub file: Arc<FlowFile>,
-    /// Each audited pod's own.
-    pub pods: Vec<(PodRef, Arc<FlowFile>)>,
+    /// Each pod ever audited, and the cgroups its flows are under: its own flow file is
+    /// [`FlowFile::of_cgroups`] of `file`, made when it is needed, not every look.
+    pub pods: Vec<AuditedPod>,
     /// Whether the inventory's first lists had arrived (before, every peer is unknown).
     pub synced: bool,
     /// The look on the way out.
@@ -124,31 +125,38 @@ impl Looker {
     /// Drains, enriches, splits and (watch mode) judges the flows.
     async fn look(&mut self, last: bool) -> Result<Looked> {
         self.refresh_cluster();
-        let file = self.common.capture.lock().expect("not poisoned").snapshot()?;
-        let (file, pods) =
-            enrich_and_split(file, &self.cluster.inventory, &self.common.audited.read().expect("not poisoned"));
+        let (mut file, changed) = self.common.capture.lock().expect("not poisoned").snapshot_changed()?;
+        self.cluster.inventory.enrich(&mut file);
+        let pods = audited_pods(&self.common.audited.read().expect("not poisoned"));
         self.export_counts(&file, &pods);
 
         // Judging before the first lists arrived would take every peer for an unknown address;
         // the flows wait in the kernel's map meanwhile.
         let synced = self.live.synced();
         if let Some(judge) = self.judge.clone().filter(|_| synced) {
-            self.judge(&judge, &file, &pods, last)?;
+            self.judge(&judge, &file, &changed, &pods, last)?;
         }
         // Events owed, also from looks while the API server was away.
         self.recorder.flush(&self.common.audited, &self.common.metrics).await;
-        let pods = pods.into_iter().map(|(p, f)| (p, Arc::new(f))).collect();
         Ok(Looked { file: Arc::new(file), pods, synced, last })
     }
 
     /// Watch mode: judges what changed, raises the alerts, keeps the detector's record.
-    fn judge(&mut self, judge: &Mutex<Judge>, file: &FlowFile, pods: &[(PodRef, FlowFile)], last: bool) -> Result<()> {
+    fn judge(
+        &mut self,
+        judge: &Mutex<Judge>,
+        file: &FlowFile,
+        changed: &Changed,
+        pods: &[AuditedPod],
+        last: bool,
+    ) -> Result<()> {
         let now = Instant::now();
         let inventory = &self.cluster.inventory;
-        let audited = pods.iter().filter_map(|(p, _)| inventory.pod(&p.namespace, &p.name));
+        let audited = pods.iter().filter_map(|p| inventory.pod(&p.pod.namespace, &p.pod.name));
         let (alerts, seen, suppressed) = {
             let mut j = judge.lock().expect("not poisoned");
-            let look = match j.look(file, inventory, &self.cluster.policies, self.live.generations(), audited, now) {
+            let against = Against { inventory, policies: &self.cluster.policies, generations: self.live.generations() };
+            let look = match j.look(file, Some(changed), against, audited, now) {
                 Ok(look) => look,
                 Err(e) => {
                     tracing::warn!("judging the flows: {e:#}");
@@ -181,9 +189,11 @@ impl Looker {
         Ok(())
     }
 
-    fn export_counts(&self, file: &FlowFile, pods: &[(PodRef, FlowFile)]) {
+    fn export_counts(&self, file: &FlowFile, pods: &[AuditedPod]) {
+        let per_cgroup = flows_per_cgroup(file);
         for t in self.common.targets.iter() {
-            let n: usize = pods.iter().filter(|(p, _)| p.target == t.name).map(|(_, f)| f.flows.len()).sum();
+            let cgroups = pods.iter().filter(|p| p.pod.target == t.name).flat_map(|p| &p.cgroups);
+            let n: usize = cgroups.filter_map(|c| per_cgroup.get(c.as_str())).sum();
             self.common.metrics.flows.get_or_create(&Metrics::target(&t.name)).set(n as i64);
         }
         let l = &file.losses;
@@ -208,37 +218,37 @@ impl Looker {
     }
 }
 
-/// A drained flow file made into a look's: every address named from the inventory, and the
-/// flows of each pod ever audited as its own flow file.
-pub fn enrich_and_split(
-    mut file: FlowFile,
-    inventory: &Inventory,
-    audited: &BTreeMap<String, PodRef>,
-) -> (FlowFile, Vec<(PodRef, FlowFile)>) {
-    inventory.enrich(&mut file);
-    let pods = split(&file, audited);
-    (file, pods)
+/// A pod ever audited, and the cgroups its flows are recorded under.
+#[derive(Clone, Debug)]
+pub struct AuditedPod {
+    pub pod: PodRef,
+    pub cgroups: Vec<String>,
 }
 
-/// The flows of each pod ever audited, as its own flow file.
-fn split(file: &FlowFile, audited: &BTreeMap<String, PodRef>) -> Vec<(PodRef, FlowFile)> {
-    let mut by_cgroup: foldhash::HashMap<&str, Vec<crate::model::Flow>> = Default::default();
-    for f in &file.flows {
-        if let Some(c) = f.cgroup.as_deref().filter(|c| audited.contains_key(*c)) {
-            by_cgroup.entry(c).or_default().push(f.clone());
+/// The pods ever audited (`audited`: by cgroup), each with its cgroups: a pod's containers may
+/// share a cgroup path with an earlier pod of the same UID only in theory, but then they are one.
+pub fn audited_pods(audited: &BTreeMap<String, PodRef>) -> Vec<AuditedPod> {
+    let mut out: Vec<AuditedPod> = Vec::new();
+    for (cgroup, pod) in audited {
+        match out.iter_mut().find(|p| p.pod.uid == pod.uid) {
+            Some(p) => p.cgroups.push(cgroup.clone()),
+            None => out.push(AuditedPod { pod: pod.clone(), cgroups: vec![cgroup.clone()] }),
         }
     }
-    let mut out: Vec<(PodRef, FlowFile)> = Vec::new();
-    for (cgroup, pod) in audited {
-        let flows = by_cgroup.remove(cgroup.as_str()).unwrap_or_default();
-        let sources = file.sources.iter().filter(|s| &s.cgroup == cgroup).cloned().collect();
-        let f = FlowFile { flows, sources, ..file.clone_header() };
-        // A pod's containers may share a cgroup path with an earlier pod of the same UID only
-        // in theory; merge rather than overwrite.
-        match out.iter_mut().find(|(p, _)| p.uid == pod.uid) {
-            Some((_, existing)) => *existing = FlowFile::merge([std::mem::take(existing), f]),
-            None => out.push((pod.clone(), f)),
+    out
+}
+
+/// How many flows each cgroup has. A drained file comes sorted by cgroup (the flows of one
+/// sharing its name), so this counts runs and looks each run up once.
+fn flows_per_cgroup(file: &FlowFile) -> foldhash::HashMap<&str, usize> {
+    let mut out: foldhash::HashMap<&str, usize> = Default::default();
+    let mut cgroups = file.flows.iter().filter_map(|f| f.cgroup.as_ref()).peekable();
+    while let Some(c) = cgroups.next() {
+        let mut n = 1;
+        while cgroups.next_if(|next| std::sync::Arc::ptr_eq(next, c) || next == &c).is_some() {
+            n += 1;
         }
+        *out.entry(&**c).or_default() += n;
     }
     out
 }

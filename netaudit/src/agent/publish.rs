@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::{
     attach::{Attacher, TICK},
     cluster::LiveInventory,
-    look::Looked,
+    look::{AuditedPod, Looked},
     reports,
     run::Common,
 };
@@ -59,7 +59,7 @@ impl Publisher {
                     {
                         let mut p = self.common.published.write().expect("not poisoned");
                         p.flows = Arc::clone(&looked.file);
-                        p.pods = looked.pods.iter().map(|(pod, f)| (pod.id(), Arc::clone(f))).collect();
+                        p.pods = looked.pods.iter().map(|a| (a.pod.id(), a.cgroups.clone())).collect();
                     }
                     if self.reports && (looked.synced || looked.last) {
                         self.write_reports(&looked, &mut reported).await;
@@ -102,15 +102,21 @@ impl Publisher {
 
     /// Writes the FlowReports whose flows changed. Per pod: the flows last written, and when.
     async fn write_reports(&self, looked: &Looked, reported: &mut HashMap<String, (String, Instant)>) {
-        for (pod, file) in &looked.pods {
-            // The window's end moves every time: compare the flows alone.
-            let fingerprint = serde_json::to_string(&file.flows).unwrap_or_default();
-            if let Some((before, at)) = reported.get(&pod.uid)
-                && (*before == fingerprint || (!looked.last && at.elapsed() < self.report_interval))
+        for AuditedPod { pod, cgroups } in &looked.pods {
+            // Not due yet: nothing to build (a pod's file, its JSON) at all.
+            if let Some((_, at)) = reported.get(&pod.uid)
+                && !looked.last
+                && at.elapsed() < self.report_interval
             {
                 continue;
             }
-            let written = tokio::time::timeout(self.timeout, reports::publish(&self.client, pod, &self.node, file));
+            let file = looked.file.of_cgroups(cgroups);
+            // The window's end moves every time: compare the flows alone.
+            let fingerprint = serde_json::to_string(&file.flows).unwrap_or_default();
+            if reported.get(&pod.uid).is_some_and(|(before, _)| *before == fingerprint) {
+                continue;
+            }
+            let written = tokio::time::timeout(self.timeout, reports::publish(&self.client, pod, &self.node, &file));
             // Not recorded as reported on failure: written again after the next look.
             match written.await {
                 Ok(Ok(())) => {

@@ -69,9 +69,10 @@ pub struct Decoded {
 }
 
 impl Decoded {
-    /// The flows after a drain: `changed` are the entries that changed since the last call
-    /// (None: every entry may have, decode `entries`, the whole map, again). Decodes everything
-    /// also when the cgroups or the DNS names moved, or a change makes a connection internal.
+    /// The flows after a drain, and the indexes of those that changed (None: any may have).
+    /// `changed` are the entries that changed since the last call (None: every entry may have,
+    /// decode `entries`, the whole map, again). Decodes everything also when the cgroups or
+    /// the DNS names moved, or a change makes a connection internal.
     pub fn update<'a, I>(
         &mut self,
         entries: impl FnOnce() -> I,
@@ -79,18 +80,24 @@ impl Decoded {
         clock: &Clock,
         dns: &DnsNames,
         cgroups: &BTreeMap<u64, Arc<str>>,
-    ) -> &[Flow]
+    ) -> (&[Flow], Option<Vec<usize>>)
     where
         I: IntoIterator<Item = (&'a FlowKey, &'a FlowStats)>,
     {
         let ranks = Ranks::of(cgroups);
         let basis = Some((cgroups.iter().map(|(id, n)| (*id, n.clone())).collect(), dns.len()));
-        let in_place = self.basis == basis && changed.is_some_and(|c| self.apply(c, clock, dns, &ranks));
-        if !in_place {
+        let applied = changed.filter(|_| self.basis == basis).and_then(|c| self.apply(c, clock, dns, &ranks));
+        if applied.is_none() {
             self.decode_all(entries(), clock, dns, &ranks);
         }
         self.basis = basis;
-        &self.flows
+        let indexes = applied.map(|shapes| {
+            let mut at: Vec<usize> = shapes.iter().filter_map(|s| self.shapes.binary_search(s).ok()).collect();
+            at.sort_unstable();
+            at.dedup();
+            at
+        });
+        (&self.flows, indexes)
     }
 
     fn decode_all<'a>(
@@ -111,34 +118,45 @@ impl Decoded {
         self.internal = internal;
     }
 
-    /// Applies changed entries in place. False when one cannot be (a new flow whose other end
-    /// is known: a new internal connection; a shape two entries share): decode everything.
-    fn apply(&mut self, changed: &[(FlowKey, FlowStats)], clock: &Clock, dns: &DnsNames, ranks: &Ranks<'_>) -> bool {
-        let mut new = Vec::new();
+    /// Applies changed entries in place; returns the shapes of the flows that changed. None when
+    /// one cannot be applied (a new flow whose other end is known: a new internal connection; a
+    /// shape two entries share): decode everything.
+    fn apply(
+        &mut self,
+        changed: &[(FlowKey, FlowStats)],
+        clock: &Clock,
+        dns: &DnsNames,
+        ranks: &Ranks<'_>,
+    ) -> Option<Vec<Shape>> {
+        let (mut new, mut touched) = (Vec::new(), Vec::new());
         for (key, stats) in changed {
             let Some(s) = ranks.shape(key) else { continue };
             if s.direction == Initiator::Remote as u8 && self.internal.contains(&s.connection()) {
                 continue;
             }
             match self.shapes.binary_search(&s) {
-                Ok(i) if self.shapes.get(i + 1) == Some(&s) || (i > 0 && self.shapes[i - 1] == s) => return false,
-                Ok(i) => self.flows[i] = s.flow_of(stats, clock, dns, ranks, &self.internal),
+                Ok(i) if self.shapes.get(i + 1) == Some(&s) || (i > 0 && self.shapes[i - 1] == s) => return None,
+                Ok(i) => {
+                    self.flows[i] = s.flow_of(stats, clock, dns, ranks, &self.internal);
+                    touched.push(s);
+                }
                 Err(_) => new.push((s, *stats)),
             }
         }
         if new.is_empty() {
-            return true;
+            return Some(touched);
         }
         let other_end = |s: &Shape| Shape { direction: s.direction ^ 1, ..*s };
         let new_shapes: HashSet<Shape> = new.iter().map(|(s, _)| *s).collect();
         let twinned =
             |s: &Shape| self.shapes.binary_search(&other_end(s)).is_ok() || new_shapes.contains(&other_end(s));
         if new_shapes.len() != new.len() || new.iter().any(|(s, _)| s.cgroup == 0 || twinned(s)) {
-            return false;
+            return None;
         }
         new.sort_unstable_by_key(|(s, _)| *s);
+        touched.extend(new.iter().map(|(s, _)| *s));
         self.merge(new, clock, dns, ranks);
-        true
+        Some(touched)
     }
 
     /// Merges new flows (sorted, none known) into the sorted ones.
@@ -314,6 +332,8 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use netaudit_ebpf::IPPROTO_TCP;
 
     use super::*;
@@ -366,8 +386,20 @@ mod tests {
                 map.insert([k.remote_addr[0], k.remote_addr[3], k.initiator, k.local_addr[3]], (*k, *v));
             }
             let entries = || map.values().map(|(k, v)| (k, v));
-            let got = decoded.update(entries, Some(&changes), &clock, &dns, &cgroups).to_vec();
+            let (got, changed) = decoded.update(entries, Some(&changes), &clock, &dns, &cgroups);
+            let got = got.to_vec();
             assert_eq!(got, flows(entries(), &clock, &dns, &cgroups));
+            // The flows said to have changed are those of the changes (when applied in place).
+            if let Some(at) = changed {
+                let shapes = |f: &Flow| (f.src.ip, f.dst.ip, f.dst.port, f.direction);
+                let said: BTreeSet<_> = at.iter().map(|&i| shapes(&got[i])).collect();
+                let want: BTreeSet<_> = flows(changes.iter().map(|(k, v)| (k, v)), &clock, &dns, &cgroups)
+                    .iter()
+                    .filter(|f| got.contains(f))
+                    .map(shapes)
+                    .collect();
+                assert_eq!(said, want);
+            }
             got
         };
         let egress = |last: u8, port| tcp_key(Initiator::Local, [192, 0, 2, 5], [198, 51, 100, last], port);

@@ -90,6 +90,8 @@ pub struct Capture {
     /// FLOWS as of the last drain, and its flows.
     mirror: drain::Mirror,
     decoded: decode::Decoded,
+    /// Snapshots taken.
+    snapshots: u64,
 }
 
 /// One audited cgroup's links: owned by the programs, or pinned (persistent captures).
@@ -106,6 +108,15 @@ struct Persisted {
     /// The sizes (DNS names, sources) last written to the state file (written again only on
     /// change).
     saved: Option<(usize, usize)>,
+}
+
+/// Which flows of a snapshot changed since the capture's snapshot before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Changed {
+    /// The snapshot's number in this capture (from 1).
+    pub seq: u64,
+    /// Indexes into the snapshot's flows of those that changed; None: any may have.
+    pub flows: Option<Vec<usize>>,
 }
 
 /// Counts for a progress line.
@@ -161,6 +172,7 @@ impl Capture {
             per_socket,
             mirror: drain::Mirror::default(),
             decoded: decode::Decoded::default(),
+            snapshots: 0,
         };
         for dir in &dirs {
             capture.add_cgroup(dir)?;
@@ -355,6 +367,11 @@ impl Capture {
 
     /// The flows recorded so far, as a flow file.
     pub fn snapshot(&mut self) -> Result<FlowFile> {
+        Ok(self.snapshot_changed()?.0)
+    }
+
+    /// [`Capture::snapshot`], and which of its flows changed since the snapshot before.
+    pub fn snapshot_changed(&mut self) -> Result<(FlowFile, Changed)> {
         self.poll()?;
         let by_id: BTreeMap<u64, Arc<str>> =
             self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str().into())).collect();
@@ -374,16 +391,19 @@ impl Capture {
             drain::Drained::Whole => None,
             drain::Drained::Changed(changed) => Some(changed),
         };
+        let losses = self.losses()?;
         let mirror = &self.mirror;
-        let flows =
-            self.decoded.update(|| mirror.entries(), changed.as_deref(), &Clock::now(), &self.dns, &by_id).to_vec();
-        Ok(FlowFile {
+        let (flows, changed) =
+            self.decoded.update(|| mirror.entries(), changed.as_deref(), &Clock::now(), &self.dns, &by_id);
+        let file = FlowFile {
             version: FLOW_FILE_VERSION,
             window: Some(Window { start: rfc3339(self.started), end: rfc3339(SystemTime::now()) }),
             sources: self.sources.clone(),
-            losses: self.losses()?,
-            flows,
-        })
+            losses,
+            flows: flows.to_vec(),
+        };
+        self.snapshots += 1;
+        Ok((file, Changed { seq: self.snapshots, flows: changed }))
     }
 
     /// Takes the final snapshot and detaches; a persistent capture also removes its pins and state.
