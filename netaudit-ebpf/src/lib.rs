@@ -56,16 +56,11 @@ pub mod names {
     pub const SOCKS: &str = "SOCKS";
     /// Every map a persistent capture pins (what the data path records).
     pub const MAPS: [&str; 6] = [AUDITED, FLOWS, LISTEN, LOSSES, DNS, SOCKS];
-    /// The drain's own maps, never pinned (each process drains for itself): its parameters and
-    /// results ([`super::drain`] slots), and the ring the changed flows come out on.
+    /// The drain's own maps, never pinned (each process drains for itself): its epoch and
+    /// overflow flag ([`super::drain`] slots), and the ring the changed flows' keys come out on.
     pub const DRAIN: &str = "DRAIN";
     pub const CHANGED_FLOWS: &str = "CHANGED_FLOWS";
     pub const DRAIN_MAPS: [&str; 2] = [DRAIN, CHANGED_FLOWS];
-    /// The program a drain runs (BPF_PROG_TEST_RUN; never attached): it walks FLOWS in the
-    /// kernel and puts out the flows changed since `DRAIN[SINCE]`, so a drain costs in
-    /// proportion to what changed. (A map-element iterator would do the same, but map
-    /// iterators are refused here: see `FOLD_TCP`.)
-    pub const CHANGED: &str = "netaudit_changed";
     /// cgroup_skb, per direction.
     pub const EGRESS: &str = "netaudit_egress";
     pub const INGRESS: &str = "netaudit_ingress";
@@ -153,10 +148,9 @@ pub struct FlowStats {
     pub last_ns: u64,
     /// Distinct sockets (TCP connections, connected UDP sockets) seen for this flow.
     pub connections: u64,
-    /// CLOCK_MONOTONIC (coarse) nanoseconds of the last change to these counters (a packet or
-    /// a fold): a drain reads only the flows changed since the one before ([`names::CHANGED`]).
-    /// Not `last_ns`, which a fold sets to an earlier packet's time.
-    pub updated_ns: u64,
+    /// The drain epoch (`DRAIN[EPOCH]`) in which these counters last changed: a flow's first
+    /// change in an epoch puts its key on CHANGED_FLOWS, so a drain reads only what changed.
+    pub epoch: u64,
 }
 
 /// Ports on which the audited cgroup accepts connections: a packet on such a local port belongs
@@ -212,19 +206,22 @@ pub struct Pending {
     pub last_ns: u64,
 }
 
-/// One changed flow as [`names::CHANGED`] puts it out.
+/// A flow that changed in a drain epoch, as CHANGED_FLOWS carries it: its first change in the
+/// epoch.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ChangedFlow {
     pub key: FlowKey,
-    pub stats: FlowStats,
+    pub epoch: u64,
 }
 
 /// The slots of the `DRAIN` array.
 pub mod drain {
-    /// In: the coarse monotonic time from which a change counts (0: every flow).
-    pub const SINCE: u32 = 0;
-    /// Out: non-zero when the changed flows did not fit the ring (read the whole map instead).
+    /// Set by userspace as each drain begins (before its fold), a value no earlier drain used:
+    /// the changes from then on are the next drain's.
+    pub const EPOCH: u32 = 0;
+    /// Set by the programs when a changed flow did not fit CHANGED_FLOWS: the next drain reads
+    /// the whole map.
     pub const OVERFLOWED: u32 = 1;
     pub const SLOTS: u32 = 2;
 }

@@ -25,8 +25,8 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_for_each_map_elem, bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
-        bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
+        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_coarse_ns, bpf_sk_fullsock, bpf_sk_storage_get,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -70,11 +70,11 @@ static PER_SOCKET_COUNTS: u8 = 0;
 #[map]
 static DNS: RingBuf = RingBuf::with_byte_size(capacity::DNS_RING_BYTES, 0);
 
-/// The drain's parameters and results ([`drain`] slots).
+/// The drain's epoch and overflow flag ([`drain`] slots).
 #[map]
 static DRAIN: Array<u64> = Array::with_max_entries(drain::SLOTS, 0);
 
-/// The flows changed since `DRAIN[SINCE]`, put out by [`netaudit_changed`].
+/// The keys of the flows changed in each drain epoch (each flow's first change in it).
 #[map]
 static CHANGED_FLOWS: RingBuf = RingBuf::with_byte_size(capacity::CHANGED_RING_BYTES, 0);
 
@@ -127,58 +127,6 @@ pub fn netaudit_release(ctx: SockContext) -> i32 {
         fold(memo);
     }
     PASS
-}
-
-/// Run by userspace at every drain (BPF_PROG_TEST_RUN, never attached to a cgroup): puts out
-/// every flow changed since `DRAIN[SINCE]` on CHANGED_FLOWS, walking FLOWS in the kernel, so a
-/// drain reads in proportion to what changed, not to the map. When the ring is full it stops
-/// and sets `DRAIN[OVERFLOWED]`: userspace then reads the whole map.
-#[cgroup_skb]
-pub fn netaudit_changed(_ctx: SkBuffContext) -> i32 {
-    let Some(since) = DRAIN.get(drain::SINCE) else { return PASS };
-    let mut walk = ChangedWalk { since: *since, overflowed: 0 };
-    let flows = ptr::from_ref(&FLOWS).cast_mut().cast();
-    let callback = changed_flow as *mut c_void;
-    // SAFETY: FLOWS is a hash map, `changed_flow` a callback of the helper's signature, and
-    // `walk` a stack value the callback alone uses while the helper runs.
-    unsafe { bpf_for_each_map_elem(flows, callback, ptr::from_mut(&mut walk).cast(), 0) };
-    if walk.overflowed != 0
-        && let Some(slot) = DRAIN.get_ptr_mut(drain::OVERFLOWED)
-    {
-        // SAFETY: the array's own slot, valid while the program runs.
-        unsafe { *slot = 1 };
-    }
-    PASS
-}
-
-/// The walk's state, on [`netaudit_changed`]'s stack.
-#[repr(C)]
-struct ChangedWalk {
-    since: u64,
-    overflowed: u64,
-}
-
-/// One FLOWS entry of the walk: put out when changed. Returns 1 (stop) once the ring is full.
-#[inline(never)]
-extern "C" fn changed_flow(
-    _map: *mut c_void,
-    key: *const FlowKey,
-    stats: *const FlowStats,
-    walk: *mut ChangedWalk,
-) -> i64 {
-    // SAFETY: the helper passes this entry's key and value and the caller's `walk`, all valid
-    // for the call.
-    unsafe {
-        if (*stats).updated_ns < (*walk).since {
-            return 0;
-        }
-        let record = ChangedFlow { key: *key, stats: *stats };
-        if CHANGED_FLOWS.output::<ChangedFlow>(&record, 0).is_err() {
-            (*walk).overflowed = 1;
-            return 1;
-        }
-    }
-    0
 }
 
 /// The start of a tcp or udp iterator's context (`struct bpf_iter__tcp`, `bpf_iter__udp`): one
@@ -613,7 +561,7 @@ fn count_memoized(memo: *mut SockState, pkt: &Packet) {
 #[inline(always)]
 fn fold(memo: *mut SockState) {
     // SAFETY: `memo` is a socket's storage, valid for the run; see `count_memoized`.
-    let delta = unsafe {
+    let mut delta = unsafe {
         let p = &raw mut (*memo).pending;
         let take = |c: *mut u64| atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(c, 0);
         let last = take(&raw mut (*p).last_ns);
@@ -625,18 +573,14 @@ fn fold(memo: *mut SockState) {
             first_ns: last,
             last_ns: last,
             connections: 0,
-            updated_ns: 0,
+            epoch: 0,
         };
         delta
     };
     // Bytes too: a packet racing the exchanges may leave its bytes for the next fold.
     if delta.packets_out != 0 || delta.packets_in != 0 || delta.bytes_out != 0 || delta.bytes_in != 0 {
-        // A fold is a change now (`last_ns` is an earlier packet's time). The fine clock: the
-        // iterators may not read the coarse one; it is the same clock, at most a tick ahead.
-        // SAFETY: a helper without arguments.
-        let delta = FlowStats { updated_ns: unsafe { bpf_ktime_get_ns() }, ..delta };
         // SAFETY: as above; the key is read in place (a copy would cost the stack).
-        merge(unsafe { &(*memo).key }, &delta);
+        merge(unsafe { &(*memo).key }, &mut delta);
     }
 }
 
@@ -669,7 +613,7 @@ fn audited_cgroup(ctx: &SkBuffContext) -> Option<u64> {
 fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) -> bool {
     let (po, bo, pi, bi) = if pkt.egress { (pkt.segs, pkt.len, 0, 0) } else { (0, 0, pkt.segs, pkt.len) };
     let now = clock();
-    let delta = FlowStats {
+    let mut delta = FlowStats {
         packets_out: po,
         bytes_out: bo,
         packets_in: pi,
@@ -677,25 +621,33 @@ fn record(key: &FlowKey, pkt: &Packet, new_connection: bool) -> bool {
         first_ns: now,
         last_ns: now,
         connections: new_connection as u64,
-        updated_ns: now,
+        epoch: 0,
     };
-    merge(key, &delta)
+    merge(key, &mut delta)
 }
 
 /// Adds `delta` to the flow at `key`, inserting it when new. Returns whether the flow is in
 /// FLOWS; what could not be inserted is counted in LOSSES.
 #[inline(always)]
-fn merge(key: &FlowKey, delta: &FlowStats) -> bool {
+fn merge(key: &FlowKey, delta: &mut FlowStats) -> bool {
     if let Some(stats) = FLOWS.get_ptr_mut(key) {
-        add(stats, delta);
+        add(key, stats, delta);
         return true;
     }
-    match FLOWS.insert(key, delta, BPF_NOEXIST as u64) {
-        Ok(()) => true,
+    // A new flow is a change in the epoch read before its insert: put out after it (so the drain
+    // that reads the key finds it), and should that epoch end meanwhile, its drain or the next
+    // reads it, and the flow's next change, in another epoch, is put out again.
+    let epoch = DRAIN.get(drain::EPOCH).copied().unwrap_or(0);
+    delta.epoch = epoch;
+    match FLOWS.insert(key, &*delta, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            put_out(key, epoch);
+            true
+        }
         Err(e) if e == -EEXIST => {
             // Another CPU inserted it first.
             if let Some(stats) = FLOWS.get_ptr_mut(key) {
-                add(stats, delta);
+                add(key, stats, delta);
             }
             true
         }
@@ -709,7 +661,7 @@ fn merge(key: &FlowKey, delta: &FlowStats) -> bool {
 }
 
 #[inline(always)]
-fn add(stats: *mut FlowStats, delta: &FlowStats) {
+fn add(key: &FlowKey, stats: *mut FlowStats, delta: &FlowStats) {
     // SAFETY: `stats` is a flow map value from get_ptr_mut (valid while the program runs);
     // concurrent CPUs only add atomically, and a lost `last_ns` race costs a nanosecond.
     unsafe {
@@ -727,8 +679,50 @@ fn add(stats: *mut FlowStats, delta: &FlowStats) {
         if (*stats).last_ns < delta.last_ns {
             (*stats).last_ns = delta.last_ns;
         }
-        if (*stats).updated_ns < delta.updated_ns {
-            (*stats).updated_ns = delta.updated_ns;
+    }
+    changed(key, stats);
+}
+
+/// Puts a flow's key on CHANGED_FLOWS at its first change in the drain epoch. The epoch is read
+/// after the counters were added: a change that still sees the epoch before is in the map
+/// before that epoch ended, so the drain that ended it, reading after, counts it. (On x86 the
+/// adds are locked instructions, which order the read after them; elsewhere the window is a
+/// store buffer's, against a drain that reads milliseconds after beginning the epoch.)
+#[inline(always)]
+fn changed(key: &FlowKey, stats: *mut FlowStats) {
+    let Some(epoch) = DRAIN.get(drain::EPOCH) else { return };
+    let epoch = *epoch;
+    // SAFETY: `stats` is a flow map value from get_ptr_mut (valid while the program runs); two
+    // CPUs racing here both put the key out, which the drain reads twice, harmlessly.
+    unsafe {
+        if (*stats).epoch == epoch {
+            return;
+        }
+        (*stats).epoch = epoch;
+    }
+    put_out(key, epoch);
+}
+
+/// Puts `key` out on CHANGED_FLOWS, written in place (no copy on the stack: the slow path's
+/// stack is near the verifier's limit).
+#[inline(always)]
+fn put_out(key: &FlowKey, epoch: u64) {
+    match CHANGED_FLOWS.reserve::<ChangedFlow>(0) {
+        Some(mut entry) => {
+            let out = entry.as_mut_ptr();
+            // SAFETY: `out` is the ring entry just reserved for a ChangedFlow, ours until
+            // submitted.
+            unsafe {
+                (*out).key = *key;
+                (*out).epoch = epoch;
+            }
+            entry.submit(0);
+        }
+        None => {
+            if let Some(slot) = DRAIN.get_ptr_mut(drain::OVERFLOWED) {
+                // SAFETY: the array's own slot, valid while the program runs; writers write 1.
+                unsafe { *slot = 1 };
+            }
         }
     }
 }

@@ -255,7 +255,7 @@ fn drains_that_read_only_what_changed_keep_every_flow_exact() {
     }
     let lab = Lab::new().unwrap();
     let cg = test_cgroup().unwrap();
-    // 16384 flows: the changed-flows ring holds about 2 000 of them.
+    // 16384 flows: the changed-flows ring holds about 4 000 of their keys.
     let config = CaptureConfig { max_flows: 16384, ..CaptureConfig::new(vec![cg.path.clone()]) };
     let mut capture = Capture::start(&config).unwrap();
     let send = |base: u32, n: u32| {
@@ -265,32 +265,25 @@ fn drains_that_read_only_what_changed_keep_every_flow_exact() {
     let packets = |file: &FlowFile| -> BTreeMap<u16, u64> {
         file.flows.iter().map(|f| (f.dst.port.unwrap(), f.packets_from_src)).collect()
     };
-    // A drain also reads again what changed just before the one before (a margin of
-    // milliseconds): each waits past it, so the next reads only what is sent after.
-    let mut drain = || {
-        std::thread::sleep(Duration::from_millis(50));
-        packets(&capture.snapshot().unwrap())
+    let mut drain = || packets(&capture.snapshot().unwrap());
+    let mut want: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut sent = |base: u16, n: u16| {
+        send(base.into(), n.into());
+        (base..base + n).for_each(|p| *want.entry(p).or_default() += 1);
+        want.clone()
     };
-    send(10000, 3000);
-    assert_eq!(drain(), (10000..13000).map(|p| (p, 1)).collect());
-    // A few changed, some new (read from the ring)...
-    send(10000, 10);
-    send(12990, 20);
-    let mut want: BTreeMap<u16, u64> = (10000..13010).map(|p| (p, 1)).collect();
-    for p in (10000..10010).chain(12990..13000) {
-        *want.get_mut(&p).unwrap() += 1;
-    }
-    assert_eq!(drain(), want);
-    // ...then more than the ring holds (the whole map is read).
-    send(10000, 3000);
-    for p in 10000..13000 {
-        *want.get_mut(&p).unwrap() += 1;
-    }
-    assert_eq!(drain(), want);
-    send(11000, 5);
-    for p in 11000..11005 {
-        *want.get_mut(&p).unwrap() += 1;
-    }
+    // More than the ring holds before the first drain (which reads the whole map anyway).
+    let all = sent(10000, 6000);
+    assert_eq!(drain(), all);
+    // A few changed, some of them new: their keys come from the ring.
+    sent(10000, 10);
+    let few = sent(15990, 20);
+    assert_eq!(drain(), few);
+    assert_eq!(drain(), few, "nothing changed");
+    // More changed than the ring holds: the whole map is read.
+    let many = sent(10000, 5000);
+    assert_eq!(drain(), many);
+    let want = sent(11000, 5);
     assert_eq!(packets(&capture.stop().unwrap()), want);
 }
 

@@ -378,7 +378,7 @@ mod tests {
     fn changes_applied_in_place_equal_a_whole_decode() {
         let clock = Clock { wall: SystemTime::UNIX_EPOCH, mono_ns: 0 };
         let (dns, cgroups) = (DnsNames::default(), BTreeMap::from([(7, Arc::from("/cg"))]));
-        let stats = |n: u64| FlowStats { packets_out: n, bytes_out: 10 * n, updated_ns: n, ..FlowStats::default() };
+        let stats = |n: u64| FlowStats { packets_out: n, bytes_out: 10 * n, ..FlowStats::default() };
         let mut map: BTreeMap<[u8; 4], (FlowKey, FlowStats)> = BTreeMap::new();
         let mut decoded = Decoded::default();
         let mut step = |map: &mut BTreeMap<[u8; 4], (FlowKey, FlowStats)>, changes: Vec<(FlowKey, FlowStats)>| {
@@ -440,7 +440,7 @@ mod tests {
             first_ns: 1_000,
             last_ns: 2_000,
             connections: 1,
-            updated_ns: 2_000,
+            epoch: 0,
         };
         let clock = Clock { wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000), mono_ns: 2_000 };
         let dns = DnsNames::default();

@@ -1,42 +1,35 @@
 //! The drain: FLOWS as userspace knows it, brought up to date by reading only the flows that
-//! changed since the last drain. The kernel walks the map (`netaudit_changed`, run with
-//! BPF_PROG_TEST_RUN) and puts out each entry whose `updated_ns` is at or after the time the
-//! previous drain began; this side keeps the whole map's last values (entries are never removed
-//! from FLOWS, so the last value read is the entry's value until it changes again).
+//! changed since the last drain. A flow's first change in a drain epoch (`DRAIN[EPOCH]`) puts
+//! its key on CHANGED_FLOWS. Each drain, after its fold, begins a new epoch and reads the
+//! values of the keys put out in the epochs before; the keys put out in the new one (changes
+//! racing this drain) are read at the next. The whole map's last values are kept here (entries
+//! are never removed from FLOWS, so the last value read is the entry's until it changes again).
 //!
-//! Exact across drains: a change after the kernel's walk passed an entry carries a time after
-//! the drain began (the clock is read before the fold and the walk), so the next drain reads
-//! it. Reading an unchanged entry again is harmless (values are totals, not increments).
+//! Exact across drains: a change that saw the epoch before is in the map before that epoch
+//! ended, so the drain that ended it reads it; one that saw the new epoch puts its key out for
+//! the next drain. A ring too small for the changes sets `DRAIN[OVERFLOWED]`: then the whole
+//! map is read. Reading an unchanged entry again is harmless (values are totals).
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{Array, HashMap, MapData, RingBuf},
-    programs::{CgroupSkb, TestRun, TestRunOptions},
-};
+use aya::maps::{Array, HashMap, MapData, RingBuf};
 use netaudit_ebpf::{ChangedFlow, FlowKey, FlowStats, drain};
 
 use super::sys;
 
-/// How much earlier than the previous drain's start a change still counts: covers a packet
-/// whose program read the clock just before that drain began (nanoseconds, in practice).
-const SINCE_MARGIN_NS: u64 = 20_000_000;
-
-/// A frame for the walk's test run: the program ignores it; the kernel wants one (at least an
-/// Ethernet header).
-const EMPTY_FRAME: [u8; 64] = [0; 64];
-
-/// The changed flows' ring, sized to its flow map at load: about one entry in seven fits, and
-/// a drain with more changes than fit reads the whole map instead.
+/// The changed flows' ring, sized to its flow map at load: about a quarter of the map's keys
+/// fit, and a drain with more changes than fit reads the whole map instead.
 pub fn ring_bytes(max_flows: u32) -> u32 {
     (u64::from(max_flows) * 16).next_power_of_two().clamp(256 << 10, 64 << 20) as u32
 }
 
-/// FLOWS as of the last drain, and when that drain began.
+/// FLOWS as of the last drain, and the keys to read at the next.
 #[derive(Default)]
 pub struct Mirror {
     entries: foldhash::HashMap<FlowKey, FlowStats>,
-    /// CLOCK_MONOTONIC_COARSE nanoseconds before the last drain's fold (0: none yet).
-    began_ns: u64,
+    /// The keys put out in the current epoch that the last drain took off the ring.
+    next: Vec<FlowKey>,
+    /// The current epoch (0: none yet).
+    epoch: u64,
 }
 
 /// What one drain read.
@@ -44,7 +37,7 @@ pub struct Mirror {
 pub enum Drained {
     /// The whole map (the first drain, or more changes than the ring holds).
     Whole,
-    /// The entries changed since the drain before, as they are now.
+    /// The entries changed since the drain before (some perhaps unchanged), as they are now.
     Changed(Vec<(FlowKey, FlowStats)>),
 }
 
@@ -53,7 +46,6 @@ pub struct DrainMaps<'a> {
     pub flows: &'a HashMap<MapData, FlowKey, FlowStats>,
     pub drain: &'a mut Array<MapData, u64>,
     pub changed: &'a mut RingBuf<MapData>,
-    pub walk: &'a CgroupSkb,
 }
 
 impl Mirror {
@@ -62,56 +54,58 @@ impl Mirror {
         self.entries.iter()
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The time to take before folding: a drain counts changes from the one before's.
-    pub fn begin() -> u64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: valid pointer to a timespec. CLOCK_MONOTONIC_COARSE is the programs' clock
-        // (bpf_ktime_get_coarse_ns).
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    }
-
-    /// Reads what changed since the last drain (everything the first time); `began_ns` is
-    /// [`Mirror::begin`]'s time, taken before the fold that preceded this call.
-    pub fn drain(&mut self, maps: DrainMaps<'_>, began_ns: u64) -> Result<Drained> {
-        let since = if self.began_ns == 0 { 0 } else { self.began_ns.saturating_sub(SINCE_MARGIN_NS).max(1) };
-        let drained = if since == 0 { self.read_whole(maps.flows)? } else { self.read_changed(maps, since)? };
-        self.began_ns = began_ns;
-        Ok(drained)
-    }
-
-    fn read_changed(&mut self, maps: DrainMaps<'_>, since: u64) -> Result<Drained> {
-        maps.drain.set(drain::SINCE, since, 0).context("setting the drain's start (DRAIN map)")?;
-        maps.drain.set(drain::OVERFLOWED, 0, 0).context("resetting the drain's overflow flag")?;
-        let run = TestRunOptions { data_in: Some(&EMPTY_FRAME), ..TestRunOptions::new() };
-        maps.walk.test_run(run).context("running the changed-flows walk (BPF_PROG_TEST_RUN)")?;
-        let mut changed = Vec::new();
+    /// Reads what changed since the last drain (everything the first time). Call it after the
+    /// fold, whose changes it then reads.
+    pub fn drain(&mut self, maps: DrainMaps<'_>) -> Result<Drained> {
+        self.begin(maps.drain)?;
+        let mut keys = std::mem::take(&mut self.next);
         while let Some(item) = maps.changed.next() {
-            if item.len() < size_of::<ChangedFlow>() {
-                continue;
+            if item.len() >= size_of::<ChangedFlow>() {
+                // SAFETY: the kernel wrote a whole ChangedFlow (plain old data); read unaligned.
+                let c = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ChangedFlow>()) };
+                if c.epoch == self.epoch { self.next.push(c.key) } else { keys.push(c.key) }
             }
-            // SAFETY: the kernel wrote a whole ChangedFlow (plain old data); read unaligned.
-            let c: ChangedFlow = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            changed.push((c.key, c.stats));
         }
-        if maps.drain.get(&drain::OVERFLOWED, 0).context("reading the drain's overflow flag")? != 0 {
-            return self.read_whole(maps.flows);
+        let overflowed = maps.drain.get(&drain::OVERFLOWED, 0).context("reading the drain's overflow flag")? != 0;
+        if overflowed || self.entries.is_empty() {
+            // Cleared before the read: what overflows from now on is the next drain's.
+            maps.drain.set(drain::OVERFLOWED, 0, 0).context("clearing the drain's overflow flag")?;
+            let entries = sys::read_hash_map(maps.flows).context("reading the flow map (BPF_MAP_LOOKUP_BATCH)")?;
+            self.entries.extend(entries);
+            return Ok(Drained::Whole);
         }
-        self.entries.extend(changed.iter().copied());
+        keys.sort_unstable_by_key(bytes_of);
+        keys.dedup();
+        let mut changed = Vec::with_capacity(keys.len());
+        for key in keys {
+            match maps.flows.get(&key, 0) {
+                Ok(stats) => {
+                    self.entries.insert(key, stats);
+                    changed.push((key, stats));
+                }
+                // Cannot be: keys are put out after their insert, and never removed.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("reading a changed flow (BPF_MAP_LOOKUP_ELEM)"),
+            }
+        }
         Ok(Drained::Changed(changed))
     }
 
-    fn read_whole(&mut self, flows: &HashMap<MapData, FlowKey, FlowStats>) -> Result<Drained> {
-        let entries = sys::read_hash_map(flows).context("reading the flow map (BPF_MAP_LOOKUP_BATCH)")?;
-        self.entries.extend(entries);
-        Ok(Drained::Whole)
+    /// Begins a new epoch. An epoch is the monotonic clock's nanoseconds, so none comes again,
+    /// not even one of an earlier capture (pinned flows keep their epochs across restarts).
+    fn begin(&mut self, drain: &mut Array<MapData, u64>) -> Result<()> {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        self.epoch = now.max(self.epoch + 1);
+        drain.set(drain::EPOCH, self.epoch, 0).context("beginning a drain epoch (DRAIN map)")
     }
+}
+
+/// A key's bytes, to sort and deduplicate keys by (FlowKey is plain old data).
+fn bytes_of(key: &FlowKey) -> [u8; size_of::<FlowKey>()] {
+    // SAFETY: FlowKey is #[repr(C)] plain old data with explicit padding: every byte is
+    // initialized.
+    unsafe { std::mem::transmute_copy(key) }
 }

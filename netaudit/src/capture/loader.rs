@@ -39,7 +39,7 @@ pub struct Maps {
     pub dns: RingBuf<MapData>,
     /// The fold iterators: run them before reading `flows`.
     pub fold: Folder,
-    /// The drain's parameters and results, and the ring its walk puts the changed flows on.
+    /// The drain's epoch and overflow flag, and the ring the changed flows' keys come out on.
     pub drain: Array<MapData, u64>,
     pub changed: RingBuf<MapData>,
 }
@@ -77,8 +77,6 @@ pub fn load(max_flows: u32, pins: Option<&Pins>, per_socket: bool) -> Result<(Eb
         let prog: &mut CgroupSkb = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name} (the kernel's verifier log says why)"))?;
     }
-    let walk: &mut CgroupSkb = ebpf.program_mut(names::CHANGED).context(names::CHANGED)?.try_into()?;
-    walk.load().with_context(|| format!("loading program {}", names::CHANGED))?;
     for name in SOCK_PROGRAMS {
         let prog: &mut CgroupSock = ebpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
@@ -151,7 +149,6 @@ mod tests {
             .chain(SOCK_PROGRAMS)
             .chain(BIND_PROGRAMS)
             .chain(names::FOLDS.map(|(n, _)| n))
-            .chain([names::CHANGED])
         {
             assert!(programs.contains(&p), "program {p}: {programs:?}");
         }

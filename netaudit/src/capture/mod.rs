@@ -27,7 +27,7 @@ use aya::{
         cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, links::FdLink,
     },
 };
-use netaudit_ebpf::{ListenKey, capacity, loss, names};
+use netaudit_ebpf::{ListenKey, capacity, loss};
 
 use self::{
     decode::Clock,
@@ -375,19 +375,13 @@ impl Capture {
         self.poll()?;
         let by_id: BTreeMap<u64, Arc<str>> =
             self.sources.iter().map(|s| (s.cgroup_id, s.cgroup.as_str().into())).collect();
-        let began = drain::Mirror::begin();
         if self.per_socket {
             let namespaces = fold::network_namespaces(self.attached.values().map(|a| a.dir.as_path()));
             self.maps.fold.run(&namespaces)?;
         }
-        let walk: &CgroupSkb = self.ebpf.program(names::CHANGED).context(names::CHANGED)?.try_into()?;
-        let maps = drain::DrainMaps {
-            flows: &self.maps.flows,
-            drain: &mut self.maps.drain,
-            changed: &mut self.maps.changed,
-            walk,
-        };
-        let changed = match self.mirror.drain(maps, began)? {
+        let maps =
+            drain::DrainMaps { flows: &self.maps.flows, drain: &mut self.maps.drain, changed: &mut self.maps.changed };
+        let changed = match self.mirror.drain(maps)? {
             drain::Drained::Whole => None,
             drain::Drained::Changed(changed) => Some(changed),
         };
