@@ -27,12 +27,7 @@ pub struct Party<'a> {
 impl Party<'_> {
     /// `pod x/a (10.0.0.1)`, `node cp (172.18.0.2)`, `192.0.2.9 (s3.example.com)`.
     pub fn describe(&self) -> String {
-        match self.owner {
-            Owner::Pod(p) => format!("pod {} ({})", p.id(), self.ip),
-            Owner::Node(n) => format!("node {} ({})", n.name, self.ip),
-            Owner::External if self.names.is_empty() => self.ip.to_string(),
-            Owner::External => format!("{} ({})", self.ip, self.names.join(", ")),
-        }
+        self.to_string()
     }
 
     /// `pod ns/name`, `node name` or `external`.
@@ -41,6 +36,18 @@ impl Party<'_> {
             Owner::Pod(p) => format!("pod {}", p.id()),
             Owner::Node(n) => format!("node {}", n.name),
             Owner::External => "external".into(),
+        }
+    }
+}
+
+/// [`Party::describe`]'s text, written straight into the reason it is part of.
+impl std::fmt::Display for Party<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.owner {
+            Owner::Pod(p) => write!(f, "pod {}/{} ({})", p.namespace, p.name, self.ip),
+            Owner::Node(n) => write!(f, "node {} ({})", n.name, self.ip),
+            Owner::External if self.names.is_empty() => write!(f, "{}", self.ip),
+            Owner::External => write!(f, "{} ({})", self.ip, self.names.join(", ")),
         }
     }
 }

@@ -64,9 +64,12 @@ pub struct Decoded {
     flows: Vec<Flow>,
     /// The connections recorded at both ends (see [`internal_connections`]).
     internal: HashSet<Shape>,
-    /// What the flows were decoded with: the audited cgroups and how many DNS names were known.
-    basis: Option<(Vec<(u64, Arc<str>)>, usize)>,
+    basis: Option<Basis>,
 }
+
+/// What flows were decoded with: the audited cgroups (id, name) and how many DNS names were
+/// known.
+type Basis = (Vec<(u64, Arc<str>)>, usize);
 
 impl Decoded {
     /// The flows after a drain, and the indexes of those that changed (None: any may have).

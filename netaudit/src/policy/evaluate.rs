@@ -15,7 +15,7 @@
 //! Traffic from the pod's own node is always admitted (kubelet probes): NetworkPolicy cannot block
 //! it, and Cilium allows host→endpoint by default.
 
-use std::{cell::RefCell, collections::HashMap, sync::Arc};
+use std::{cell::RefCell, collections::HashMap, fmt, sync::Arc};
 
 use serde::Serialize;
 
@@ -77,8 +77,8 @@ pub struct SideVerdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// For an isolated pod with no matching rule: the policies that isolate it.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub isolated_by: Vec<String>,
+    #[serde(skip_serializing_if = "is_empty")]
+    pub isolated_by: Arc<[String]>,
     pub reason: String,
 }
 
@@ -88,8 +88,23 @@ pub struct ConnVerdict {
     pub sides: Vec<SideVerdict>,
 }
 
-/// (pod address, side) → indexes of the namespaced policies selecting it.
-type SelectingCache = HashMap<(usize, Direction), Arc<Vec<usize>>>;
+fn is_empty(names: &Arc<[String]>) -> bool {
+    names.is_empty()
+}
+
+/// The namespaced policies that select one pod for one side, in precedence order.
+#[derive(Debug, Default)]
+struct Selecting {
+    /// Indexes into the evaluator's `namespaced`.
+    indexes: Vec<usize>,
+    /// The names of those that isolate it, and them joined: what every verdict of a flow no
+    /// rule allows says (the pod's flows share them).
+    isolated_by: Arc<[String]>,
+    isolated_by_joined: String,
+}
+
+/// (pod address, side) → the namespaced policies selecting it.
+type SelectingCache = HashMap<(usize, Direction), Arc<Selecting>>;
 
 /// Which namespaced policies select which pod, per side: filled as flows are judged (most flows
 /// share their pods), and reusable by later evaluators of the same policies and inventory. Pods
@@ -175,54 +190,49 @@ impl<'a> Evaluator<'a> {
             return v;
         }
         let selecting = self.selecting(subject, side);
-        match m.tier(Decider::Namespaced, selecting.iter().map(|&i| self.namespaced[i])) {
+        match m.tier(Decider::Namespaced, selecting.indexes.iter().map(|&i| self.namespaced[i])) {
             Tiered::Decided(v) => return v,
             Tiered::Passed => {}
-            Tiered::NoMatch => {
-                let mut names: Vec<String> = selecting
-                    .iter()
-                    .map(|&i| self.namespaced[i])
-                    .filter(|p| p.isolates)
-                    .map(|p| p.id.to_string())
-                    .collect();
-                names.dedup();
-                if !names.is_empty() {
-                    let reason = format!(
-                        "{} is isolated for {} by {}, and no rule there allows {}",
-                        subject.id(),
-                        side_name(side),
-                        names.join(", "),
-                        m.what()
-                    );
-                    let mut v = m.verdict(false, Decider::Namespaced, None, reason);
-                    v.isolated_by = names;
-                    return v;
-                }
+            Tiered::NoMatch if !selecting.isolated_by.is_empty() => {
+                let reason = format!(
+                    "{}/{} is isolated for {} by {}, and no rule there allows {}",
+                    subject.namespace,
+                    subject.name,
+                    side_name(side),
+                    selecting.isolated_by_joined,
+                    m.what()
+                );
+                let mut v = m.verdict(false, Decider::Namespaced, None, reason);
+                v.isolated_by = selecting.isolated_by.clone();
+                return v;
             }
+            Tiered::NoMatch => {}
         }
         if let Tiered::Decided(v) = m.tier(Decider::Baseline, self.baseline.iter().copied()) {
             return v;
         }
-        let reason = format!("no policy isolates {} for {}: {} is allowed", subject.id(), side_name(side), m.what());
+        let (ns, name, side) = (&subject.namespace, &subject.name, side_name(side));
+        let reason = format!("no policy isolates {ns}/{name} for {side}: {} is allowed", m.what());
         m.verdict(true, Decider::Default, None, reason)
     }
 
     /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
     /// order.
-    fn selecting(&self, pod: &PodInfo, side: Direction) -> Arc<Vec<usize>> {
+    fn selecting(&self, pod: &PodInfo, side: Direction) -> Arc<Selecting> {
         let cache = &self.kept.unwrap_or(&self.own).0;
         let key = (pod as *const PodInfo as usize, side);
         if let Some(v) = cache.borrow().get(&key) {
             return v.clone();
         }
-        let v: Arc<Vec<usize>> = Arc::new(
-            self.namespaced
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| rules_for(p, side).is_some() && self.subject_matches(p, pod))
-                .map(|(i, _)| i)
-                .collect(),
-        );
+        let indexes: Vec<usize> = (self.namespaced.iter().enumerate())
+            .filter(|(_, p)| rules_for(p, side).is_some() && self.subject_matches(p, pod))
+            .map(|(i, _)| i)
+            .collect();
+        let mut names: Vec<String> =
+            indexes.iter().map(|&i| self.namespaced[i]).filter(|p| p.isolates).map(|p| p.id.to_string()).collect();
+        names.dedup();
+        let isolated_by_joined = names.join(", ");
+        let v = Arc::new(Selecting { indexes, isolated_by: names.into(), isolated_by_joined });
         cache.borrow_mut().insert(key, v.clone());
         v
     }
@@ -296,13 +306,13 @@ impl Match<'_, '_> {
             tier,
             policy: by.map(|(p, _)| p.id.clone()),
             rule: by.map(|(_, r)| r.label.clone()),
-            isolated_by: Vec::new(),
+            isolated_by: Arc::from([]),
             reason,
         }
     }
 
-    fn what(&self) -> String {
-        describe_conn(self.side, self.peer, self.proto, self.port)
+    fn what(&self) -> Asked<'_> {
+        Asked { side: self.side, peer: self.peer, proto: self.proto, port: self.port }
     }
 
     /// The first rule of `p` (for this side) that matches, if `p` selects the subject.
@@ -420,12 +430,23 @@ fn side_name(s: Direction) -> &'static str {
     }
 }
 
-fn describe_conn(side: Direction, peer: &Party<'_>, proto: Protocol, port: Option<u16>) -> String {
-    let who = peer.describe();
-    let port = port.map(|p| format!("/{p}")).unwrap_or_default();
-    match side {
-        Direction::Egress => format!("{proto}{port} to {who}"),
-        Direction::Ingress => format!("{proto}{port} from {who}"),
+/// What one end's question is about, as reasons say it: `TCP/443 to pod x/a (10.0.0.1)`.
+/// Written straight into the reason (a verdict's reason is built for every judged flow).
+struct Asked<'a> {
+    side: Direction,
+    peer: &'a Party<'a>,
+    proto: Protocol,
+    port: Option<u16>,
+}
+
+impl fmt::Display for Asked<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.proto)?;
+        if let Some(p) = self.port {
+            write!(f, "/{p}")?;
+        }
+        let to = if self.side == Direction::Egress { "to" } else { "from" };
+        write!(f, " {to} {}", self.peer)
     }
 }
 
