@@ -25,11 +25,6 @@ pub struct Party<'a> {
 }
 
 impl Party<'_> {
-    /// `pod x/a (10.0.0.1)`, `node cp (172.18.0.2)`, `192.0.2.9 (s3.example.com)`.
-    pub fn describe(&self) -> String {
-        self.to_string()
-    }
-
     /// `pod ns/name`, `node name` or `external`.
     pub fn identity(&self) -> String {
         match self.owner {
@@ -40,7 +35,8 @@ impl Party<'_> {
     }
 }
 
-/// [`Party::describe`]'s text, written straight into the reason it is part of.
+/// `pod x/a (10.0.0.1)`, `node cp (172.18.0.2)`, `192.0.2.9 (s3.example.com)`: written straight
+/// into the reason or hint it is part of.
 impl std::fmt::Display for Party<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.owner {

@@ -112,7 +112,7 @@ pub struct Judge {
     judged: Option<(Generations, Instant)>,
     /// The last report's parts that are not per flow (summary, lint, unused rows, notes).
     last: Option<Report>,
-    /// The capture's sequence number of the snapshot last judged whole.
+    /// The capture's number of the snapshot last judged (its `Changed::seq`).
     last_snapshot: Option<u64>,
 }
 

@@ -122,7 +122,7 @@ impl Looker {
         release_freed_memory();
     }
 
-    /// Drains, enriches, splits and (watch mode) judges the flows.
+    /// Drains and enriches the flows and (watch mode) judges what changed.
     async fn look(&mut self, last: bool) -> Result<Looked> {
         self.refresh_cluster();
         let (mut file, changed) = self.common.capture.lock().expect("not poisoned").snapshot_changed()?;

@@ -50,7 +50,7 @@ pub(super) fn fix(c: &Cut<'_, '_>, inv: &Inventory) -> String {
             "{} is isolated for ingress by {}: its namespace must allow {proto}{port_s} from {}",
             s.pod,
             s.isolated_by.join(", "),
-            c.src.describe()
+            c.src
         );
     }
     let apiserver = inv.is_apiserver(peer.ip);
@@ -70,7 +70,7 @@ pub(super) fn fix(c: &Cut<'_, '_>, inv: &Inventory) -> String {
         ""
     };
     let rule = peer_rule(c.engine, peer, apiserver);
-    format!("allow {dir} {}: {rule}, {proto}{port_s}{where_}{note}", peer.describe())
+    format!("allow {dir} {peer}: {rule}, {proto}{port_s}{where_}{note}")
 }
 
 /// How the engine's rule names `peer`, written by the engine's dialect module (JSON, which YAML

@@ -93,7 +93,7 @@ fn is_empty(names: &Arc<[String]>) -> bool {
 }
 
 /// The namespaced policies that select one pod for one side, in precedence order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Selecting {
     /// Indexes into the evaluator's `namespaced`.
     indexes: Vec<usize>,
@@ -216,8 +216,7 @@ impl<'a> Evaluator<'a> {
         m.verdict(true, Decider::Default, None, reason)
     }
 
-    /// Indexes (into `namespaced`) of the policies that select `pod` for `side`, in precedence
-    /// order.
+    /// The policies that select `pod` for `side` (cached per pod and side).
     fn selecting(&self, pod: &PodInfo, side: Direction) -> Arc<Selecting> {
         let cache = &self.kept.unwrap_or(&self.own).0;
         let key = (pod as *const PodInfo as usize, side);
